@@ -1,0 +1,83 @@
+"""Error types. Every error offloadkit raises on purpose derives from `OffloadkitError`.
+
+Messages follow one shape so people and tools can read them:
+``<file>:<line>:<col> <dotted.path>: <what is wrong>. <what to do>.``
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Sequence
+
+
+class OffloadkitError(Exception):
+    """Root of offloadkit's errors: catch this to catch them all."""
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong with a policy, located in its source file when known."""
+
+    message: str
+    source: str = "<policy>"
+    path: tuple = ()
+    line: int | None = None
+    column: int | None = None
+
+    @property
+    def dotted_path(self) -> str:
+        return ".".join(str(part) for part in self.path)
+
+    def __str__(self) -> str:
+        where = self.source
+        if self.line is not None:
+            where += f":{self.line}:{self.column or 1}"
+        if self.path:
+            where += f" {self.dotted_path}"
+        return f"{where}: {self.message}"
+
+
+class PolicyError(OffloadkitError, ValueError):
+    """A policy is invalid: unreadable YAML, schema violations, or names that do not fit the pipeline.
+
+    All problems found in one pass are kept in `problems` and shown together.
+    """
+
+    def __init__(self, problems: Sequence[Problem] | Problem | str):
+        if isinstance(problems, str):
+            problems = [Problem(problems)]
+        elif isinstance(problems, Problem):
+            problems = [problems]
+        self.problems: tuple[Problem, ...] = tuple(problems)
+        super().__init__("\n".join(str(p) for p in self.problems))
+
+
+class PipelineError(OffloadkitError, ValueError):
+    """The pipeline cannot take a policy as it is (device map, group offloading, foreign hooks, ...)."""
+
+
+class DeviceError(OffloadkitError, RuntimeError):
+    """The requested device does not exist or no accelerator was found for `device: auto`."""
+
+
+def closest(name: str, choices: Iterable[str]) -> str | None:
+    """The choice most similar to `name`, or None when nothing is close."""
+    choices = [str(c) for c in choices]
+    matches = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
+    if matches:
+        return matches[0]
+    # an abbreviation: 'keep' for 'keep-on-device'
+    prefixed = [c for c in choices if name and c.startswith(str(name))]
+    return prefixed[0] if len(prefixed) == 1 else None
+
+
+def did_you_mean(name: str, choices: Iterable[str], what: str = "names") -> str:
+    """`Did you mean 'x'? Valid <what>: a, b, c.` for an unknown name."""
+    choices = list(choices)
+    hint = ""
+    match = closest(name, choices)
+    if match is not None:
+        hint = f"Did you mean {match!r}? "
+    listed = ", ".join(repr(c) for c in choices) if choices else "(none)"
+    return f"{hint}Valid {what}: {listed}."

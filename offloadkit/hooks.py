@@ -1,0 +1,84 @@
+"""The Accelerate hook behind the `model` strategy.
+
+`ChainOffloadHook` is an Accelerate `CpuOffload` (so diffusers and its loaders
+recognise model offload) that behaves the same way (onload on first use, offload
+the predecessor in the chain) and also:
+
+- tracks residency itself, so a move is recorded once, also on CPU where
+  `cpu` and `cpu:0` differ only by name and `CpuOffload` would "move" every step;
+- records each onload/offload in the trace with bytes and seconds;
+- works for components without parameters (`CpuOffload` raises StopIteration).
+"""
+
+from __future__ import annotations
+
+import time
+
+from accelerate.hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
+from accelerate.utils import send_to_device
+
+from .device import empty_cache, same_device
+
+HOST = "cpu"
+
+
+class ComponentState:
+    """Where one managed component is, and its size for the trace."""
+
+    def __init__(self, name: str, nbytes: int, trace):
+        self.name = name
+        self.nbytes = nbytes
+        self.trace = trace
+        self.resident = False
+
+
+def _first_tensor_device(module):
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+class ChainOffloadHook(CpuOffload):
+    def __init__(self, execution_device, prev_module_hook, state: ComponentState):
+        super().__init__(execution_device=execution_device, prev_module_hook=prev_module_hook)
+        self.state = state
+
+    def init_hook(self, module):
+        """Offload to host RAM (also what `UserCpuOffloadHook.offload()` calls)."""
+        state = self.state
+        if not state.resident:
+            return module.to(HOST)
+        start = time.perf_counter()
+        module = module.to(HOST)
+        state.resident = False
+        state.trace.record(state.name, "offload", self.execution_device, HOST, state.nbytes,
+                           time.perf_counter() - start)
+        return module
+
+    def pre_forward(self, module, *args, **kwargs):
+        previous = self.prev_module_hook
+        if previous is not None and getattr(previous.hook, "state", None) is not None and previous.hook.state.resident:
+            previous.offload()
+            empty_cache(self.execution_device)
+        state = self.state
+        if state.resident:
+            current = _first_tensor_device(module)
+            if current is None or same_device(current, self.execution_device):
+                return args, kwargs
+        start = time.perf_counter()
+        module.to(self.execution_device)
+        state.resident = True
+        state.trace.record(state.name, "onload", HOST, self.execution_device, state.nbytes,
+                           time.perf_counter() - start)
+        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+
+def attach_chain_hook(ctx, name, module, previous):
+    """Install a chain hook on `module`, offloaded by the next one; returns the handle the next one needs."""
+    state = ctx.state_for(name, module)
+    hook = ChainOffloadHook(ctx.device, previous, state)
+    add_hook_to_module(module, hook, append=False)
+    ctx.hooked[name] = hook
+    return UserCpuOffloadHook(module, hook)

@@ -1,0 +1,314 @@
+"""Plan -> hooks on a live pipeline, and back.
+
+`OffloadHandle` owns the pipeline's offload state while a policy is applied:
+
+- End of call. diffusers ends each call with `maybe_free_model_hooks()`, which
+  re-installs its default chain whenever `pipe._all_hooks` is non-empty. We keep
+  `_all_hooks` empty (so that is a no-op) and run the policy's own end of call
+  from a `try/finally` around `__call__`, so it also runs after an exception.
+- Execution device. `pipe._execution_device` is answered from the plan, so
+  latents are made on the policy's device whatever the first component is.
+
+Both live in a subclass of the pipeline's class, made once per class and set on
+the instance (`pipe.__class__`); `remove()` puts the original class back. The
+subclass has the same name, module and behaviour otherwise.
+"""
+
+from __future__ import annotations
+
+from .device import empty_cache, resolve_device
+from .errors import PipelineError
+from .loading import load
+from .pipeline_spec import module_bytes, spec_from_pipeline
+from .plans import Plan
+from .resolve import resolve
+from .strategies import STRATEGIES
+from .trace import Trace
+
+HANDLE_ATTR = "_offloadkit_handle"
+
+
+def plan(pipe, policy, *, device=None) -> Plan:
+    """Resolve `policy` against a loaded pipeline without changing anything.
+
+    Example::
+
+        print(offloadkit.plan(pipe, "diffusers-default", device="cpu"))
+    """
+    policy = load(policy)
+    target = resolve_device(device if device is not None else policy.device)
+    return resolve(policy, spec_from_pipeline(pipe), str(target), bnb_8bit_movable=_bnb_8bit_movable())
+
+
+def apply(pipe, policy, *, device=None) -> "OffloadHandle":
+    """Apply an offload policy to a loaded diffusers pipeline.
+
+    `policy` is a `Policy`, a YAML path or a built-in name; `device` overrides the
+    policy's `device` (e.g. "cpu" for tests). Applying again replaces the previous
+    policy. Returns an `OffloadHandle`; `handle.remove()` undoes everything.
+
+    Example::
+
+        handle = offloadkit.apply(pipe, "diffusers-default")
+        image = pipe("a lighthouse at dusk").images[0]
+        print(handle.trace.summary())
+    """
+    policy = load(policy)
+    target = resolve_device(device if device is not None else policy.device)
+    the_plan = resolve(policy, spec_from_pipeline(pipe), str(target), bnb_8bit_movable=_bnb_8bit_movable())
+    _check_pipeline(pipe, the_plan)
+    previous = getattr(pipe, HANDLE_ATTR, None)
+    if previous is not None:
+        previous.remove()
+    handle = OffloadHandle(pipe, the_plan, policy, target)
+    handle._install()
+    return handle
+
+
+def remove(pipe) -> None:
+    """Remove the policy applied to `pipe` (same as `handle.remove()`); does nothing when there is none."""
+    handle = getattr(pipe, HANDLE_ATTR, None)
+    if handle is not None:
+        handle.remove()
+
+
+def _bnb_8bit_movable() -> bool:
+    # diffusers' own test (pipeline_utils.enable_model_cpu_offload): older stacks cannot move 8-bit weights.
+    from diffusers.utils import is_bitsandbytes_version, is_transformers_version
+
+    return not (is_transformers_version("<", "4.58.0") or is_bitsandbytes_version("<", "0.48.0"))
+
+
+def _check_pipeline(pipe, the_plan: Plan) -> None:
+    """Refuse states a policy cannot be put on top of, naming the component."""
+    import torch
+
+    device_map = getattr(pipe, "hf_device_map", None)
+    if isinstance(device_map, dict) and len(device_map) > 1:
+        raise PipelineError(f"the pipeline was loaded with a device map ({device_map}); a policy cannot be "
+                            "applied on top of it. Call pipe.reset_device_map() first, or load without device_map")
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    handle = getattr(pipe, HANDLE_ATTR, None)
+    ours = set(id(h) for h in handle._hooks.values()) if handle is not None else set()
+    diffusers_hooks = {id(h.hook) for h in (getattr(pipe, "_all_hooks", None) or [])}
+    managed = {c.name for c in the_plan.components if c.strategy != "skip"}
+    for name, component in pipe.components.items():
+        if name not in managed or not isinstance(component, torch.nn.Module):
+            continue
+        if _is_group_offload_enabled(component):
+            raise PipelineError(f"component {name!r} has diffusers group offloading enabled, which cannot be "
+                                "removed. Reload the component without enable_group_offload, or give it "
+                                "`strategy: skip` in the policy")
+        if isinstance(getattr(component, "hf_device_map", None), dict) and len(set(component.hf_device_map.values())) > 1:
+            raise PipelineError(f"component {name!r} was loaded with a device map spread over several devices. "
+                                "Load it without device_map, or give it `strategy: skip` in the policy")
+        for module_name, module in component.named_modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hook is None or id(hook) in ours or id(hook) in diffusers_hooks:
+                continue
+            where = f"{name}.{module_name}" if module_name else name
+            raise PipelineError(
+                f"component {name!r} already has an Accelerate hook ({type(hook).__name__} on {where!r}), "
+                "installed outside offloadkit (enable_sequential_cpu_offload, cpu_offload or dispatch_model?). "
+                "Call pipe.remove_all_hooks() first, or give the component `strategy: skip`")
+
+
+class _InstallContext:
+    """What strategies need while installing: the device, the trace, and bookkeeping."""
+
+    def __init__(self, handle: "OffloadHandle"):
+        self.handle = handle
+        self.device = handle.device
+        self.hooked = handle._hooks
+        self.states = handle._states
+
+    def state_for(self, name, module):
+        from .hooks import ComponentState, _first_tensor_device
+
+        planned = self.handle.plan.component(name).bytes
+        state = ComponentState(name, planned if planned is not None else module_bytes(module), self.handle.trace)
+        current = _first_tensor_device(module)
+        state.resident = current is not None and current.type != "cpu"
+        self.states[name] = state
+        return state
+
+    def place(self, name, module):
+        import time
+
+        current = _module_device(module)
+        start = time.perf_counter()
+        module.to(self.device)
+        if current is not None and current.type != self.device.type:
+            self.handle.trace.record(name, "onload", current, self.device, module_bytes(module),
+                                     time.perf_counter() - start)
+
+
+class OffloadHandle:
+    """A policy applied to a pipeline. `trace` records moves; `remove()` restores the pipeline."""
+
+    def __init__(self, pipe, the_plan: Plan, policy, device):
+        self.pipe = pipe
+        self.plan = the_plan
+        self.policy = policy
+        self.device = device
+        self.trace = Trace()
+        self._hooks: dict = {}
+        self._states: dict = {}
+        self._saved_devices: dict = {}
+        self._base_class = None
+        self._active = False
+
+    # --- install / remove ---------------------------------------------------------------------
+
+    def _install(self) -> None:
+        pipe = self.pipe
+        # diffusers' own model offload is replaced, as enable_model_cpu_offload itself would do.
+        if getattr(pipe, "_all_hooks", None):
+            pipe.remove_all_hooks()
+        components = pipe.components
+        for component in self.plan.components:
+            if component.strategy != "skip":
+                module = components[component.name]
+                device = _module_device(module)
+                if device is not None:
+                    self._saved_devices[component.name] = device
+        self._install_hooks()
+        self._base_class = type(pipe)
+        pipe.__class__ = _offloaded_class(self._base_class)
+        setattr(pipe, HANDLE_ATTR, self)
+        self._active = True
+        empty_cache(self.device)
+
+    def _install_hooks(self) -> None:
+        ctx = _InstallContext(self)
+        components = self.pipe.components
+        # The plan lists the chain first, in order: each hook needs its predecessor's.
+        previous = None
+        for component in self.plan.components:
+            strategy = STRATEGIES[component.strategy]
+            module = components[component.name]
+            link = previous if component.chain_index is not None else None
+            installed = strategy.install(ctx, component.name, module, None, link)
+            if component.chain_index is not None:
+                previous = installed
+
+    def _remove_hooks(self) -> None:
+        from accelerate.hooks import remove_hook_from_module
+
+        components = self.pipe.components
+        for name, hook in self._hooks.items():
+            module = components.get(name)
+            if module is not None and getattr(module, "_hf_hook", None) is hook:
+                remove_hook_from_module(module)
+        self._hooks.clear()
+        self._states.clear()
+
+    def remove(self) -> None:
+        """Undo `apply`: hooks removed, original class back, components on the devices they were on."""
+        if not self._active:
+            return
+        pipe = self.pipe
+        self._remove_hooks()
+        pipe.__class__ = self._base_class
+        pipe.__dict__.pop(HANDLE_ATTR, None)
+        components = pipe.components
+        for name, device in self._saved_devices.items():
+            module = components.get(name)
+            if module is not None:
+                module.to(device)
+        self._active = False
+        empty_cache(self.device)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def reinstall(self) -> None:
+        """Put the policy's hooks back (after code outside offloadkit removed them)."""
+        self._remove_hooks()
+        self._install_hooks()
+
+    # --- per call -----------------------------------------------------------------------------
+
+    def _begin_call(self) -> None:
+        self.trace.calls += 1
+
+    def end_call(self) -> None:
+        """The policy's end of call: everything the chain onloaded goes back to host RAM."""
+        components = self.pipe.components
+        offloaded = False
+        for name, hook in self._hooks.items():
+            state = self._states.get(name)
+            if state is not None and state.resident:
+                hook.init_hook(components[name])
+                offloaded = True
+        if offloaded:
+            empty_cache(self.device)
+
+    def _hooks_intact(self) -> bool:
+        components = self.pipe.components
+        return all(getattr(components.get(n), "_hf_hook", None) is h for n, h in self._hooks.items())
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"<OffloadHandle {self.plan.policy!r} on {self.device} ({state})>"
+
+
+def _module_device(module):
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
+
+
+_CLASSES: dict = {}
+
+
+def _offloaded_class(base):
+    """A subclass of the pipeline class that routes end of call and execution device to the handle."""
+    cached = _CLASSES.get(base)
+    if cached is not None:
+        return cached
+
+    def __call__(self, *args, **kwargs):
+        handle = self.__dict__[HANDLE_ATTR]
+        handle._begin_call()
+        try:
+            return base.__call__(self, *args, **kwargs)
+        finally:
+            handle.end_call()
+
+    def _execution_device(self):
+        handle = self.__dict__.get(HANDLE_ATTR)
+        if handle is not None and any(c.runs_on for c in handle.plan.components):
+            return handle.device
+        return base._execution_device.fget(self)
+
+    def _reapply_or_refuse(switch):
+        def method(self, *args, **kwargs):
+            handle = self.__dict__[HANDLE_ATTR]
+            if handle._hooks_intact():
+                raise PipelineError(
+                    f"this pipeline is under the offloadkit policy {handle.plan.policy!r}; {switch}() would "
+                    "silently replace it. Call offloadkit.remove(pipe) first, or express the behaviour in the policy")
+            # diffusers' LoRA / textual-inversion loaders remove offload hooks, load, and call the switch
+            # again: put the policy back instead of diffusers' default.
+            handle.reinstall()
+        method.__name__ = switch
+        return method
+
+    namespace = {
+        "__call__": __call__,
+        "_execution_device": property(_execution_device),
+        "enable_model_cpu_offload": _reapply_or_refuse("enable_model_cpu_offload"),
+        "enable_sequential_cpu_offload": _reapply_or_refuse("enable_sequential_cpu_offload"),
+        "_offloadkit_base_class": base,
+        "__module__": base.__module__,
+        "__qualname__": base.__qualname__,
+        "__doc__": base.__doc__,
+    }
+    cls = type(base)(base.__name__, (base,), namespace)
+    _CLASSES[base] = cls
+    return cls

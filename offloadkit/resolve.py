@@ -1,0 +1,153 @@
+"""Policy + pipeline description -> Plan. Pure: reads, never mutates.
+
+Errors about names (unknown, absent, not a model) point at the policy's lines.
+"""
+
+from __future__ import annotations
+
+from .errors import PolicyError, did_you_mean
+from .loading import located_problem
+from .pipeline_spec import PipelineSpec
+from .plans import END_OF_CALL, ComponentPlan, Plan
+from .schema import Policy
+from .strategies import STRATEGIES
+
+HOST = "cpu"
+
+_QUANT_LABELS = {
+    "bnb_8bit": "bitsandbytes 8-bit",
+    "bnb_4bit": "bitsandbytes 4-bit",
+    "other": "quantized",
+}
+
+
+def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable: bool = True) -> Plan:
+    """Resolve `policy` for the pipeline `spec` on `device` (already resolved, e.g. "cuda:0").
+
+    `bnb_8bit_movable` tells whether the installed transformers/bitsandbytes can move
+    8-bit weights (diffusers keeps them in place otherwise).
+    """
+    problems = []
+    models = {c.name: c for c in spec.components if c.is_model and c.present}
+
+    def check_name(path, name, what):
+        component = spec.get(name)
+        if component is None:
+            problems.append(located_problem(policy, path, f"{spec.class_name} has no component {name!r}. "
+                                            + did_you_mean(name, spec.model_names, "model components"),
+                                            key=path[0] == "components"))
+        elif not component.is_model:
+            problems.append(located_problem(policy, path, f"{name!r} is a {component.type_name}, not a model; "
+                                            f"only models can be {what}. Remove it. Models: "
+                                            + ", ".join(spec.model_names), key=path[0] == "components"))
+        elif not component.present:
+            problems.append(located_problem(policy, path, f"{name!r} is not loaded in this pipeline (it is None). "
+                                            "Remove it from the policy or load the component",
+                                            key=path[0] == "components"))
+
+    for name in policy.components:
+        check_name(("components", name), name, "given a rule")
+    for key, what in (("sequence", "offloaded in a chain"), ("exclude", "excluded")):
+        names = getattr(policy, key)
+        if names != "auto":
+            for i, name in enumerate(names):
+                check_name((key, i), name, what)
+    if problems:
+        raise PolicyError(problems)
+
+    # Strategy per model component, with the reason shown in the plan.
+    if policy.exclude == "auto":
+        excluded = {n for n in spec.exclude if n in models}
+        exclude_reason = "pipeline's _exclude_from_cpu_offload"
+    else:
+        excluded = set(policy.exclude)
+        exclude_reason = "policy `exclude`"
+    strategies, reasons = {}, {}
+    for name, component in models.items():
+        rule = policy.components.get(name)
+        if rule is not None:
+            strategies[name], reasons[name] = rule.strategy, "policy `components` rule"
+            continue
+        if name in excluded:
+            strategies[name], reasons[name] = "resident", exclude_reason
+            continue
+        strategies[name], reasons[name] = "model", "default: offloaded"
+        if component.quantization:
+            action = getattr(policy.quantization, component.quantization)
+            label = _QUANT_LABELS[component.quantization]
+            if action == "auto":
+                action = "keep-on-device" if component.quantization == "bnb_8bit" and not bnb_8bit_movable else "offload"
+            if action == "refuse":
+                problems.append(located_problem(
+                    policy, ("quantization", component.quantization),
+                    f"{name!r} is {label} and the policy says `{component.quantization}: refuse`. Choose "
+                    "'keep-on-device' or 'offload', or give the component a rule in `components`"))
+            elif action == "keep-on-device":
+                strategies[name], reasons[name] = "skip", f"{label}: kept where it was loaded"
+            else:
+                reasons[name] = f"{label}: offloaded like the others"
+    if problems:
+        raise PolicyError(problems)
+
+    # The chain.
+    if policy.sequence == "auto":
+        if spec.offload_seq is None:
+            needs_chain = [n for n, s in strategies.items() if STRATEGIES[s].chained]
+            if needs_chain:
+                raise PolicyError(located_problem(
+                    policy, ("sequence",),
+                    f"{spec.class_name} declares no model_cpu_offload_seq, so `sequence: auto` has nothing to "
+                    f"follow. Write `sequence:` as a list of its models in call order (models: "
+                    f"{', '.join(spec.model_names)})"))
+            candidates = []
+        else:
+            candidates = list(dict.fromkeys(spec.offload_seq))
+        sequence = [n for n in candidates if n in models and STRATEGIES[strategies[n]].chained]
+    else:
+        sequence = list(policy.sequence)
+        for i, name in enumerate(sequence):
+            if not STRATEGIES[strategies[name]].chained:
+                problems.append(located_problem(
+                    policy, ("sequence", i),
+                    f"{name!r} is in `sequence` but resolves to strategy {strategies[name]!r} "
+                    f"({reasons[name]}). Remove it from `sequence` or give it `strategy: model`"))
+        if problems:
+            raise PolicyError(problems)
+
+    plans = []
+    position = {name: i for i, name in enumerate(sequence)}
+    for name, component in models.items():
+        strategy = STRATEGIES[strategies[name]]
+        reason = reasons[name]
+        if strategy.chained:
+            index = position.get(name)
+            if index is None:
+                offloaded_by = END_OF_CALL
+                reason += "; not in sequence: own hook, offloaded at end of call"
+            else:
+                offloaded_by = sequence[index + 1] if index + 1 < len(sequence) else END_OF_CALL
+            home, runs_on = HOST, device
+        elif strategy.placed:
+            index, offloaded_by, home, runs_on = None, None, device, device
+        else:
+            index, offloaded_by, home, runs_on = None, None, "unchanged", None
+        plans.append(ComponentPlan(
+            name=name,
+            type_name=component.type_name,
+            strategy=strategy.name,
+            home=home,
+            runs_on=runs_on,
+            offloaded_by=offloaded_by,
+            chain_index=index,
+            bytes=component.bytes,
+            reason=reason,
+        ))
+    # Chain members in chain order first, then the others in the pipeline's order.
+    plans.sort(key=lambda c: (c.chain_index is None, c.chain_index or 0))
+    return Plan(
+        pipeline=spec.class_name,
+        policy=policy.display_name,
+        device=device,
+        sequence=tuple(sequence),
+        components=tuple(plans),
+    )

@@ -1,0 +1,119 @@
+"""The policy's pydantic models: the single source of truth for validation and the JSON Schema.
+
+No torch import here: `offloadkit validate` and `offloadkit schema` run in
+lightweight CI jobs.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+
+from .strategies import STRATEGIES
+
+SCHEMA_ID = "https://offloadkit.dev/schemas/policy.schema.json"
+
+# `auto` or a torch device string with an optional index. Checked without torch.
+DEVICE_PATTERN = r"^(auto|cpu|cuda|xpu|mps|npu|mlu|hpu|musa|privateuseone)(:[0-9]+)?$"
+
+QuantAction = Literal["auto", "keep-on-device", "offload", "refuse"]
+
+ComponentRule = Annotated[
+    Union[tuple(s.rule for s in STRATEGIES.values())],
+    Field(discriminator="strategy"),
+]
+
+
+class QuantizationRules(BaseModel):
+    """What happens to components whose weights are quantized.
+
+    - `keep-on-device`: leave the component where it was loaded (bitsandbytes loads
+      straight to the device); no hook, never moved.
+    - `offload`: treat it like any other component.
+    - `refuse`: applying the policy to a pipeline with such a component is an error.
+    - `auto`: diffusers' rule (bitsandbytes 8-bit is kept on the device when the
+      installed transformers/bitsandbytes cannot move it; everything else offloads).
+    """
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    bnb_8bit: QuantAction = Field("auto", description="bitsandbytes 8-bit (LLM.int8) components.")
+    bnb_4bit: QuantAction = Field("auto", description="bitsandbytes 4-bit (NF4/FP4) components.")
+    other: QuantAction = Field(
+        "auto",
+        description="Components quantized by any other backend (torchao, quanto, GGUF, ...).",
+    )
+
+
+class Policy(BaseModel):
+    """An offload policy: which components move between the device and host RAM, and when.
+
+    Example::
+
+        policy = offloadkit.load({"version": 1, "components": {"vae": {"strategy": "resident"}}})
+    """
+
+    model_config = ConfigDict(
+        extra="forbid",
+        frozen=True,
+        title="offloadkit policy",
+        json_schema_extra={"$id": SCHEMA_ID},
+    )
+
+    version: Literal[1] = Field(description="Policy format version. Always 1.")
+    name: str | None = Field(None, description="Short name shown in plans and traces.")
+    description: str | None = Field(None, description="What the policy is for.")
+    extends: str | None = Field(
+        None,
+        description="A built-in policy name or a path (relative to this file) whose keys this file overrides.",
+    )
+    device: str = Field(
+        "auto",
+        pattern=DEVICE_PATTERN,
+        description="Execution device: `auto` (the accelerator, as diffusers picks it) or a torch device such "
+        "as `cuda`, `cuda:1`, `cpu`.",
+    )
+    sequence: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="Offload chain order. `auto` uses the pipeline's `model_cpu_offload_seq` minus excluded, "
+        "resident and skipped components.",
+    )
+    exclude: Literal["auto"] | list[str] = Field(
+        "auto",
+        description="Components kept resident on the device, never offloaded. `auto` uses the pipeline's "
+        "`_exclude_from_cpu_offload`.",
+    )
+    components: dict[str, ComponentRule] = Field(
+        default_factory=dict,
+        description="Per-component rules, keyed by the pipeline's component name.",
+    )
+    quantization: QuantizationRules = Field(
+        default_factory=QuantizationRules,
+        description="What to do with quantized components.",
+    )
+
+    # Where the policy came from, for error messages that point into the file.
+    _document: object = PrivateAttr(default=None)
+    _chain: tuple = PrivateAttr(default=())
+
+    @property
+    def source(self) -> str:
+        """The file (or `<dict>`) the policy was read from."""
+        return getattr(self._document, "source", "<policy>")
+
+    @property
+    def display_name(self) -> str:
+        return self.name or "unnamed policy"
+
+
+def json_schema() -> dict:
+    """The JSON Schema of a policy file, as editors and `offloadkit schema` use it."""
+    schema = Policy.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    return schema
+
+
+def json_schema_text() -> str:
+    return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"

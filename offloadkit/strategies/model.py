@@ -1,0 +1,35 @@
+"""`model`: whole-component offload, as `enable_model_cpu_offload` does it.
+
+The component lives in host RAM and moves to the device when its forward (or a
+VAE's encode/decode) is called. Components in the sequence form a chain: each
+one's onload offloads its predecessor. Components outside the sequence are
+offloaded at the end of each call.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from .base import Strategy, StrategyRule, register
+
+
+class ModelRule(StrategyRule):
+    """Offload the whole component to host RAM between uses (diffusers' model offload)."""
+
+    strategy: Literal["model"]
+
+
+def install(ctx, name, module, rule, previous):
+    from ..hooks import attach_chain_hook
+
+    return attach_chain_hook(ctx, name, module, previous)
+
+
+STRATEGY = register(Strategy(
+    name="model",
+    rule=ModelRule,
+    summary="whole component in host RAM, moved to the device when used",
+    chained=True,
+    placed=False,
+    install=install,
+))

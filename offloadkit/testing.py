@@ -1,0 +1,577 @@
+"""Tiny, real diffusers pipelines for tests, demos and CI.
+
+Every builder here returns a genuine diffusers pipeline (the same classes a
+user loads from the hub), but with models so small that a full denoising call
+takes well under a second on a laptop CPU. Nothing is downloaded: the weights
+are random and seeded, and the CLIP tokenizer is built from a vocab.json and
+merges.txt that this module writes itself into the temp directory.
+
+The same ``seed`` always gives the same weights, and :func:`tiny_call_kwargs`
+gives a seeded generator, so two calls give bit-identical images. That makes
+the pipelines useful to check that an offloading policy does not change
+results::
+
+    import numpy as np
+    import pytest
+    from offloadkit.testing import TINY_PIPELINES, tiny_call_kwargs, tiny_pipeline
+
+    @pytest.mark.parametrize("name", TINY_PIPELINES)
+    def test_policy_keeps_images(name):
+        reference = tiny_pipeline(name)
+        expected = reference(**tiny_call_kwargs(reference)).images
+
+        pipe = tiny_pipeline(name)          # same seed -> same weights
+        apply_my_policy(pipe)               # e.g. pipe.enable_model_cpu_offload(device="cpu")
+        images = pipe(**tiny_call_kwargs(pipe)).images
+
+        np.testing.assert_array_equal(images, expected)
+
+Notes:
+
+* ``tiny_sd3_pipeline()`` leaves ``text_encoder_3``/``tokenizer_3`` (T5) as
+  ``None``; diffusers then feeds zeros in place of the T5 embeddings, so a plain
+  ``pipe(prompt=...)`` works. Pass ``with_t5=True`` to get a tiny
+  ``T5EncoderModel`` too (its tokenizer is also built offline).
+* The VAE is only used through ``vae.decode`` (never ``vae.forward``); diffusers
+  routes accelerate hooks to it with its ``apply_forward_hook`` decorator.
+* Tokenizers and schedulers are pipeline components that are not
+  ``torch.nn.Module`` instances.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import tempfile
+from typing import Any, Callable, Iterator
+
+import torch
+
+__all__ = [
+    "TINY_PIPELINES",
+    "tiny_call_kwargs",
+    "tiny_controlnet_pipeline",
+    "tiny_pipeline",
+    "tiny_sd3_pipeline",
+    "tiny_sd_pipeline",
+    "tiny_sdxl_pipeline",
+]
+
+TINY_PIPELINES = ("sd", "sdxl", "sd3", "controlnet")
+
+# Shared sizes. The token budget is small to keep the text encoders cheap, but
+# large enough that the demo prompt (one token per character) is not truncated.
+_MAX_TOKENS = 32
+_IMAGE_SIZE = 32  # pixels; the two-level VAE halves it once -> 16x16 latents
+_LATENT_CHANNELS = 4
+_CALL_PROMPT = "a lighthouse at dusk"
+
+_BOS = "<|startoftext|>"
+_EOS = "<|endoftext|>"
+
+
+# --------------------------------------------------------------------------
+# Tokenizers
+# --------------------------------------------------------------------------
+
+
+def _byte_to_unicode() -> dict[int, str]:
+    """The reversible byte -> printable character map of byte-level BPE.
+
+    Bytes that are already visible characters keep their own glyph; the rest
+    (control characters, space, ...) are shifted into the range above 255 so
+    every byte has a visible, whitespace-free stand-in. This must match what
+    the tokenizers ``ByteLevel`` pre-tokenizer emits.
+    """
+    visible = set(range(ord("!"), ord("~") + 1))
+    visible |= set(range(ord("\u00a1"), ord("\u00ac") + 1))
+    visible |= set(range(ord("\u00ae"), ord("\u00ff") + 1))
+    mapping = {}
+    next_free = 256
+    for byte in range(256):
+        if byte in visible:
+            mapping[byte] = chr(byte)
+        else:
+            mapping[byte] = chr(next_free)
+            next_free += 1
+    return mapping
+
+
+def _clip_vocab() -> dict[str, int]:
+    """Every single byte symbol, alone and word-final, plus the two specials.
+
+    With no merges each character becomes one token, so any text (including
+    non-ASCII, through its UTF-8 bytes) tokenizes without unknown tokens.
+    The order follows the real CLIP vocab: plain symbols, word-final symbols,
+    then the special tokens last.
+    """
+    symbols = list(_byte_to_unicode().values())
+    tokens = symbols + [symbol + "</w>" for symbol in symbols] + [_BOS, _EOS]
+    return {token: index for index, token in enumerate(tokens)}
+
+
+def _write_if_changed(path: str, text: str) -> None:
+    try:
+        with open(path, encoding="utf-8") as handle:
+            if handle.read() == text:
+                return
+    except OSError:
+        pass
+    # Write a temporary file and rename it, so parallel test workers never
+    # read a half-written file.
+    fd, tmp_path = tempfile.mkstemp(dir=os.path.dirname(path), prefix=".tmp-")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.chmod(tmp_path, 0o644)  # mkstemp's 0600 would hide it from other users
+        os.replace(tmp_path, path)
+    except BaseException:
+        if os.path.exists(tmp_path):
+            os.unlink(tmp_path)
+        raise
+
+
+def _tokenizer_folder(kind: str, files: dict[str, str]) -> str:
+    """A folder holding ``files`` (name -> text), for ``from_pretrained``.
+
+    The folder lives in the temp directory and is named after a hash of the
+    contents, so it is written once and shared by later builds and processes.
+    If that shared folder is not usable (for example created by another user),
+    a private one is made instead.
+    """
+    digest = hashlib.sha256()
+    for name in sorted(files):
+        digest.update(name.encode("utf-8") + b"\0" + files[name].encode("utf-8") + b"\0")
+    shared = os.path.join(tempfile.gettempdir(), f"offloadkit-tiny-{kind}-{digest.hexdigest()[:16]}")
+    try:
+        os.makedirs(shared, exist_ok=True)
+        for name, text in files.items():
+            _write_if_changed(os.path.join(shared, name), text)
+        return shared
+    except OSError:
+        private = tempfile.mkdtemp(prefix=f"offloadkit-tiny-{kind}-")
+        for name, text in files.items():
+            with open(os.path.join(private, name), "w", encoding="utf-8") as handle:
+                handle.write(text)
+        return private
+
+
+def _clip_tokenizer_dir() -> str:
+    """Write vocab.json and merges.txt once, in a temp folder keyed by content."""
+    vocab_text = json.dumps(_clip_vocab(), ensure_ascii=False)
+    merges_text = "#version: 0.2\n"  # header only: no merges needed
+    config_text = json.dumps(
+        {
+            "model_max_length": _MAX_TOKENS,
+            "bos_token": _BOS,
+            "eos_token": _EOS,
+            "unk_token": _EOS,
+            "pad_token": _EOS,
+        }
+    )
+    return _tokenizer_folder(
+        "clip",
+        {
+            "vocab.json": vocab_text,
+            "merges.txt": merges_text,
+            "tokenizer_config.json": config_text,
+        },
+    )
+
+
+def _clip_tokenizer():
+    from transformers import CLIPTokenizer
+
+    # A local folder, never a hub id: local_files_only makes that explicit.
+    return CLIPTokenizer.from_pretrained(
+        _clip_tokenizer_dir(), local_files_only=True, model_max_length=_MAX_TOKENS
+    )
+
+
+def _t5_tokenizer():
+    """A T5 (Unigram) tokenizer over single characters, saved as tokenizer.json."""
+    from tokenizers import Tokenizer, decoders, pre_tokenizers, processors
+    from tokenizers.models import Unigram
+    from transformers import T5TokenizerFast
+
+    specials = [("<pad>", 0.0), ("</s>", 0.0), ("<unk>", 0.0)]
+    # "\u2581" marks a word start (sentencepiece style). Equal scores for all
+    # characters: the tokenization is one piece per character.
+    characters = ["\u2581"] + [chr(code) for code in range(ord("!"), ord("~") + 1)]
+    pieces = specials + [(char, -1.0) for char in characters]
+    backend = Tokenizer(Unigram(pieces, unk_id=2, byte_fallback=False))
+    backend.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.WhitespaceSplit(),
+            pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="always"),
+        ]
+    )
+    backend.decoder = decoders.Metaspace(replacement="\u2581", prepend_scheme="always")
+    backend.post_processor = processors.TemplateProcessing(
+        single=["$A", "</s>"], pair=["$A", "</s>", "$B", "</s>"], special_tokens=[("</s>", 1)]
+    )
+    tokenizer_text = backend.to_str()
+    config_text = json.dumps(
+        {
+            "model_max_length": 512,
+            "eos_token": "</s>",
+            "unk_token": "<unk>",
+            "pad_token": "<pad>",
+            "extra_ids": 0,
+        }
+    )
+    folder = _tokenizer_folder(
+        "t5", {"tokenizer.json": tokenizer_text, "tokenizer_config.json": config_text}
+    )
+    return T5TokenizerFast.from_pretrained(folder, local_files_only=True)
+
+
+# --------------------------------------------------------------------------
+# Models
+# --------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
+    """Seed the global RNG for one model's initialisation.
+
+    Model constructors draw their random weights from the global generator, so
+    seeding it is what makes weights reproducible; forking keeps the caller's
+    own RNG stream untouched.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def _ready(model: torch.nn.Module) -> torch.nn.Module:
+    # Cast only when needed (a non-float32 default dtype): diffusers warns on
+    # every dtype cast through `.to()`, even a no-op one.
+    if any(param.dtype != torch.float32 for param in model.parameters()):
+        model = model.float()
+    return model.eval()
+
+
+def _clip_text_encoder(tokenizer, seed: int, hidden_size: int, with_projection: bool):
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=hidden_size,
+        intermediate_size=37,
+        projection_dim=hidden_size,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=_MAX_TOKENS,
+        # The pooled output is read at the first eos token, so the ids must be
+        # those of our tokenizer, not CLIP's defaults.
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with _seeded(seed):
+        return _ready(model_class(config))
+
+
+def _vae(seed: int, **extra_config):
+    from diffusers import AutoencoderKL
+
+    with _seeded(seed):
+        vae = AutoencoderKL(
+            in_channels=3,
+            out_channels=3,
+            down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+            up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            latent_channels=_LATENT_CHANNELS,
+            sample_size=_IMAGE_SIZE,
+            **extra_config,
+        )
+    return _ready(vae)
+
+
+def _unet(seed: int, cross_attention_dim: int, **extra_config):
+    from diffusers import UNet2DConditionModel
+
+    with _seeded(seed):
+        unet = UNet2DConditionModel(
+            sample_size=_IMAGE_SIZE // 2,
+            in_channels=_LATENT_CHANNELS,
+            out_channels=_LATENT_CHANNELS,
+            down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+            block_out_channels=(8, 16),
+            layers_per_block=1,
+            norm_num_groups=4,
+            attention_head_dim=4,
+            cross_attention_dim=cross_attention_dim,
+            **extra_config,
+        )
+    return _ready(unet)
+
+
+def _controlnet_from(unet, seed: int):
+    from diffusers import ControlNetModel
+
+    # One downsampling step in the conditioning embedding, like the VAE, so a
+    # control image at pixel size lands on the latent grid. The layers it does
+    # not copy from the UNet get seeded random weights.
+    with _seeded(seed):
+        controlnet = ControlNetModel.from_unet(unet, conditioning_embedding_out_channels=(4, 8))
+    # ControlNet starts with zero-initialised output convolutions, which would
+    # make it a no-op. Small random weights make the control image matter, so a
+    # test can tell whether the controlnet actually ran.
+    zero_convs = [*controlnet.controlnet_down_blocks, controlnet.controlnet_mid_block]
+    zero_convs.append(controlnet.controlnet_cond_embedding.conv_out)
+    generator = torch.Generator("cpu").manual_seed(seed)
+    with torch.no_grad():
+        for conv in zero_convs:
+            conv.weight.copy_(torch.randn(conv.weight.shape, generator=generator) * 0.3)
+    return _ready(controlnet)
+
+
+def _sd_scheduler():
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        set_alpha_to_one=False,
+        steps_offset=1,
+    )
+
+
+def _finish(pipe):
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# --------------------------------------------------------------------------
+# Public builders
+# --------------------------------------------------------------------------
+
+
+def tiny_sd_pipeline(*, seed: int = 0):
+    """A tiny ``StableDiffusionPipeline`` (UNet, VAE, one CLIP text encoder)."""
+    from diffusers import StableDiffusionPipeline
+
+    tokenizer = _clip_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, hidden_size=32, with_projection=False)
+    pipe = StableDiffusionPipeline(
+        vae=_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=_unet(seed, cross_attention_dim=32),
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+def tiny_sdxl_pipeline(*, seed: int = 0):
+    """A tiny ``StableDiffusionXLPipeline`` with two CLIP text encoders."""
+    from diffusers import StableDiffusionXLPipeline
+
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, hidden_size=16, with_projection=False)
+    # Offset seed: two same-shaped encoders with equal weights would hide a
+    # policy that mixes them up.
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, seed + 1, hidden_size=16, with_projection=True)
+
+    # SDXL conditions the UNet on the concatenated hidden states of both
+    # encoders, and adds an embedding of the pooled text (from encoder 2) plus
+    # six size/crop numbers, each given `addition_time_embed_dim` features.
+    time_embed_dim = 8
+    unet = _unet(
+        seed,
+        cross_attention_dim=text_encoder.config.hidden_size + text_encoder_2.config.hidden_size,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=time_embed_dim,
+        projection_class_embeddings_input_dim=6 * time_embed_dim
+        + text_encoder_2.config.projection_dim,
+        transformer_layers_per_block=(1, 1),
+    )
+    pipe = StableDiffusionXLPipeline(
+        vae=_vae(seed),
+        text_encoder=text_encoder,
+        text_encoder_2=text_encoder_2,
+        tokenizer=tokenizer,
+        tokenizer_2=tokenizer_2,
+        unet=unet,
+        # Not EulerDiscreteScheduler (SDXL's usual one): its set_timesteps calls
+        # np.array on a tensor, which emits a DeprecationWarning with numpy 2.x
+        # and would fail test suites that turn warnings into errors.
+        scheduler=_sd_scheduler(),
+        image_encoder=None,
+        feature_extractor=None,
+        add_watermarker=False,  # needs the optional invisible-watermark package
+    )
+    return _finish(pipe)
+
+
+def tiny_sd3_pipeline(*, seed: int = 0, with_t5: bool = False):
+    """A tiny ``StableDiffusion3Pipeline`` (MMDiT transformer, flow matching).
+
+    By default there is no T5 encoder (``text_encoder_3=None``); diffusers then
+    uses zeros for the T5 part of the prompt embeddings. ``with_t5=True`` adds a
+    tiny ``T5EncoderModel`` and an offline-built T5 tokenizer.
+    """
+    from diffusers import (
+        FlowMatchEulerDiscreteScheduler,
+        SD3Transformer2DModel,
+        StableDiffusion3Pipeline,
+    )
+
+    tokenizer = _clip_tokenizer()
+    tokenizer_2 = _clip_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, hidden_size=16, with_projection=True)
+    # Offset seed: two same-shaped encoders with equal weights would hide a
+    # policy that mixes them up.
+    text_encoder_2 = _clip_text_encoder(tokenizer_2, seed + 1, hidden_size=16, with_projection=True)
+
+    # SD3 zero-pads the concatenated CLIP hidden states up to the T5 width
+    # (joint_attention_dim); a narrower joint dim would silently crop them.
+    clip_width = text_encoder.config.hidden_size + text_encoder_2.config.hidden_size
+    joint_attention_dim = clip_width
+
+    text_encoder_3 = tokenizer_3 = None
+    if with_t5:
+        from transformers import T5Config, T5EncoderModel
+
+        tokenizer_3 = _t5_tokenizer()
+        t5_config = T5Config(
+            vocab_size=len(tokenizer_3),
+            d_model=joint_attention_dim,
+            d_kv=8,
+            d_ff=37,
+            num_layers=2,
+            num_heads=4,
+            relative_attention_num_buckets=8,
+            pad_token_id=tokenizer_3.pad_token_id,
+            eos_token_id=tokenizer_3.eos_token_id,
+        )
+        with _seeded(seed + 2):
+            text_encoder_3 = _ready(T5EncoderModel(t5_config))
+
+    with _seeded(seed):
+        transformer = SD3Transformer2DModel(
+            sample_size=_IMAGE_SIZE // 2,  # latent pixels
+            patch_size=2,
+            in_channels=_LATENT_CHANNELS,
+            out_channels=_LATENT_CHANNELS,
+            num_layers=2,
+            attention_head_dim=8,
+            num_attention_heads=4,
+            joint_attention_dim=joint_attention_dim,
+            caption_projection_dim=32,
+            # The pooled input is both CLIP projections side by side.
+            pooled_projection_dim=text_encoder.config.projection_dim
+            + text_encoder_2.config.projection_dim,
+            pos_embed_max_size=_IMAGE_SIZE // 2,
+        )
+    transformer = _ready(transformer)
+    # SD3's VAE has no quant convs and a shift factor the pipeline relies on.
+    vae = _vae(
+        seed,
+        use_quant_conv=False,
+        use_post_quant_conv=False,
+        scaling_factor=1.5305,
+        shift_factor=0.0609,
+    )
+    pipe = StableDiffusion3Pipeline(
+        transformer=transformer,
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=vae,
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        text_encoder_3=text_encoder_3,
+        tokenizer_3=tokenizer_3,
+        image_encoder=None,
+        feature_extractor=None,
+    )
+    return _finish(pipe)
+
+
+def tiny_controlnet_pipeline(*, seed: int = 0):
+    """A tiny ``StableDiffusionControlNetPipeline``; the ControlNet mirrors the UNet."""
+    from diffusers import StableDiffusionControlNetPipeline
+
+    tokenizer = _clip_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, hidden_size=32, with_projection=False)
+    unet = _unet(seed, cross_attention_dim=32)
+    pipe = StableDiffusionControlNetPipeline(
+        vae=_vae(seed),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        unet=unet,
+        controlnet=_controlnet_from(unet, seed),
+        scheduler=_sd_scheduler(),
+        safety_checker=None,
+        feature_extractor=None,
+        image_encoder=None,
+        requires_safety_checker=False,
+    )
+    return _finish(pipe)
+
+
+_BUILDERS: dict[str, Callable[..., Any]] = {
+    "sd": tiny_sd_pipeline,
+    "sdxl": tiny_sdxl_pipeline,
+    "sd3": tiny_sd3_pipeline,
+    "controlnet": tiny_controlnet_pipeline,
+}
+
+
+def tiny_pipeline(name: str, *, seed: int = 0):
+    """Build the tiny pipeline called ``name`` (one of :data:`TINY_PIPELINES`)."""
+    try:
+        builder = _BUILDERS[name]
+    except (KeyError, TypeError):
+        valid = ", ".join(repr(known) for known in TINY_PIPELINES)
+        raise ValueError(f"Unknown tiny pipeline {name!r}; valid names are {valid}.") from None
+    return builder(seed=seed)
+
+
+def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
+    """Arguments for a quick, deterministic call: ``pipe(**tiny_call_kwargs(pipe))``.
+
+    Each call returns a fresh, freshly seeded generator, so the same kwargs
+    recipe can be used for a reference run and a run under test.
+    """
+    from diffusers import StableDiffusion3Pipeline, StableDiffusionControlNetPipeline
+
+    kwargs: dict[str, Any] = {
+        "prompt": _CALL_PROMPT,
+        "num_inference_steps": 2,
+        "height": _IMAGE_SIZE,
+        "width": _IMAGE_SIZE,
+        # Above 1 so classifier-free guidance (and negative-prompt encoding)
+        # runs too, as it does in real use.
+        "guidance_scale": 5.0,
+        "generator": torch.Generator("cpu").manual_seed(seed),
+        "output_type": "np",
+    }
+    if isinstance(pipe, StableDiffusion3Pipeline):
+        # Length of the T5 part of the sequence (zeros without T5); the default
+        # 256 only slows the tiny transformer down.
+        kwargs["max_sequence_length"] = _MAX_TOKENS
+    if isinstance(pipe, StableDiffusionControlNetPipeline):
+        # Control images are RGB in [0, 1] at the output pixel size.
+        control_generator = torch.Generator("cpu").manual_seed(seed)
+        kwargs["image"] = torch.rand(
+            (1, 3, _IMAGE_SIZE, _IMAGE_SIZE), generator=control_generator
+        )
+    return kwargs

@@ -1,0 +1,51 @@
+"""Shared test helpers: hook structure and outputs of a pipeline."""
+
+import numpy as np
+import torch
+
+from offloadkit.testing import tiny_call_kwargs
+
+
+def run(pipe, seed=0, **overrides):
+    kwargs = tiny_call_kwargs(pipe, seed=seed)
+    kwargs.update(overrides)
+    return pipe(**kwargs).images
+
+
+def model_components(pipe):
+    return {n: m for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)}
+
+
+def hook_structure(pipe):
+    """{component: (hook class is CpuOffload, execution device, predecessor's component name)} for top-level hooks."""
+    from accelerate.hooks import CpuOffload
+
+    models = model_components(pipe)
+    names_by_id = {id(m): n for n, m in models.items()}
+    structure = {}
+    for name, module in models.items():
+        hook = getattr(module, "_hf_hook", None)
+        if hook is None:
+            structure[name] = None
+            continue
+        previous = getattr(hook, "prev_module_hook", None)
+        structure[name] = (
+            isinstance(hook, CpuOffload),
+            torch.device(hook.execution_device),
+            names_by_id.get(id(previous.model)) if previous is not None else None,
+        )
+    return structure
+
+
+def hooked_submodules(pipe):
+    """Names of every module, at any depth, that carries an Accelerate hook."""
+    found = []
+    for name, module in model_components(pipe).items():
+        for sub_name, sub in module.named_modules():
+            if hasattr(sub, "_hf_hook") or hasattr(sub, "_old_forward"):
+                found.append(f"{name}.{sub_name}".rstrip("."))
+    return found
+
+
+def assert_same_images(a, b):
+    assert np.array_equal(a, b), f"images differ: max abs diff {np.abs(np.asarray(a) - np.asarray(b)).max()}"

@@ -1,0 +1,316 @@
+"""apply / remove / plan on live tiny pipelines: state ownership, errors, trace, exceptions."""
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import offloadkit
+from offloadkit.errors import DeviceError, PipelineError, PolicyError
+from offloadkit.testing import tiny_pipeline
+
+from helpers import assert_same_images, hooked_submodules, model_components, run
+
+GOLDEN = Path(__file__).parent / "golden"
+
+
+def test_remove_restores_the_pipeline():
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    base_class = type(pipe)
+    devices = {n: next(m.parameters()).device for n, m in model_components(pipe).items()}
+    forwards = {n: m.forward for n, m in model_components(pipe).items()}
+
+    handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
+    assert type(pipe) is not base_class and isinstance(pipe, base_class)
+    assert type(pipe).__name__ == base_class.__name__
+    run(pipe)
+    handle.remove()
+
+    assert type(pipe) is base_class
+    assert hooked_submodules(pipe) == []
+    assert not hasattr(pipe, "_offloadkit_handle")
+    assert {n: next(m.parameters()).device for n, m in model_components(pipe).items()} == devices
+    for name, module in model_components(pipe).items():
+        assert module.forward == forwards[name]
+    assert_same_images(run(pipe), reference)
+    handle.remove()  # a second remove is harmless
+    offloadkit.remove(pipe)  # so is removing from a pipeline without a policy
+
+
+def test_offloadkit_remove_is_handle_remove():
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    offloadkit.remove(pipe)
+    assert not handle.active
+    assert hooked_submodules(pipe) == []
+
+
+def test_apply_again_replaces_the_policy():
+    pipe = tiny_pipeline("sdxl")
+    reference = run(pipe)
+    first = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    second = offloadkit.apply(pipe, "vae-resident", device="cpu")
+    assert not first.active and second.active
+    assert pipe._offloadkit_handle is second
+    assert not hasattr(pipe.vae, "_hf_hook")
+    assert pipe.unet._hf_hook is second._hooks["unet"]
+    assert type(pipe).__mro__[1].__name__ == "StableDiffusionXLPipeline"  # subclassed once, not twice
+    assert_same_images(run(pipe), reference)
+    second.remove()
+    assert hooked_submodules(pipe) == []
+
+
+def test_resident_components_do_not_travel_per_call():
+    """A resident model is placed once at apply and never moved by a call."""
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
+    moves = []
+    original_to = pipe.vae.to
+    pipe.vae.to = lambda *a, **k: (moves.append(a), original_to(*a, **k))[1]
+    for _ in range(3):
+        assert_same_images(run(pipe), reference)
+    assert moves == []
+    assert all(e.component != "vae" for e in handle.trace)
+    assert pipe._execution_device == torch.device("cpu", 0)
+
+
+
+def test_trace_records_moves_per_call():
+    pipe = tiny_pipeline("sdxl")
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    run(pipe)
+    run(pipe)
+    assert handle.trace.calls == 2
+    for call in (1, 2):
+        events = [(e.component, e.action) for e in handle.trace.for_call(call)]
+        assert events == [
+            ("text_encoder", "onload"), ("text_encoder", "offload"),
+            ("text_encoder_2", "onload"), ("text_encoder_2", "offload"),
+            ("unet", "onload"), ("unet", "offload"),
+            ("vae", "onload"), ("vae", "offload"),
+        ]
+    sizes = {c.name: c.bytes for c in handle.plan.components}
+    for event in handle.trace:
+        assert event.bytes == sizes[event.component] > 0
+        assert event.seconds >= 0
+    assert handle.trace.bytes_moved(1) == 2 * sum(sizes.values())
+    data = json.loads(handle.trace.to_json())
+    assert data["calls"] == 2 and len(data["events"]) == 16
+    assert "16 moves" in handle.trace.summary()
+
+
+def test_exception_mid_call_leaves_the_pipeline_usable():
+    pipe = tiny_pipeline("sdxl")
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+
+    def explode(pipeline, step, timestep, callback_kwargs):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError, match="boom"):
+        run(pipe, callback_on_step_end=explode)
+    # The policy's end of call ran anyway: nothing the chain onloaded is still on the device.
+    assert not any(state.resident for state in handle._states.values())
+    failed = handle.trace.for_call(1)
+    assert ("unet", "offload") in [(e.component, e.action) for e in failed]
+    assert pipe.unet._hf_hook is handle._hooks["unet"]
+    assert_same_images(run(pipe), reference)
+    assert_same_images(run(pipe), reference)
+
+
+def test_execution_device_comes_from_the_policy():
+    """diffusers asks the first component; here it is skipped (no hook), yet latents go to the policy's device."""
+    pipe = tiny_pipeline("sd")
+    assert next(iter(pipe.components)) == "vae"
+    offloadkit.apply(pipe, {"version": 1, "components": {"vae": {"strategy": "skip"}}}, device="cpu")
+    assert not hasattr(pipe.vae, "_hf_hook")
+    assert pipe._execution_device == torch.device("cpu", 0)
+    offloadkit.remove(pipe)
+    assert pipe._execution_device == torch.device("cpu")
+
+
+def test_plan_does_not_touch_the_pipeline():
+    pipe = tiny_pipeline("controlnet")
+    before = {n: (m.forward, next(m.parameters()).device) for n, m in model_components(pipe).items()}
+    plan = offloadkit.plan(pipe, "controlnet-resident", device="cpu")
+    assert hooked_submodules(pipe) == []
+    assert not hasattr(pipe, "_offloadkit_handle")
+    assert {n: (m.forward, next(m.parameters()).device) for n, m in model_components(pipe).items()} == before
+    assert plan.sequence == ("text_encoder", "vae")
+    assert plan.component("unet").strategy == "resident"
+    assert plan.component("controlnet").strategy == "resident"
+    assert plan.component("text_encoder").offloaded_by == "vae"
+    text = str(plan)
+    assert "offload chain: text_encoder -> vae" in text and "controlnet" in text
+
+
+@pytest.mark.parametrize("name, policy", [("sdxl", "vae-resident"), ("controlnet", "diffusers-default")])
+def test_plan_to_dict_matches_golden(name, policy):
+    """Checked-in plans: a change of diffusers or offloadkit that changes placement shows up as a diff."""
+    plan = offloadkit.plan(tiny_pipeline(name), policy, device="cpu")
+    golden = json.loads((GOLDEN / f"{name}-{policy}.json").read_text())
+    assert plan.to_dict() == golden
+
+
+def test_controlnet_outside_sequence_has_its_own_hook():
+    pipe = tiny_pipeline("controlnet")
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    assert handle.plan.component("controlnet").offloaded_by == "end of call"
+    assert pipe.controlnet._hf_hook.prev_module_hook is None
+    run(pipe)
+    last = [(e.component, e.action) for e in handle.trace.for_call(1)][-1]
+    assert last == ("controlnet", "offload")
+
+
+def test_device_auto_without_accelerator_is_a_clear_error():
+    if torch.cuda.is_available():
+        pytest.skip("this machine has an accelerator")
+    pipe = tiny_pipeline("sd")
+    with pytest.raises(DeviceError, match="found no accelerator.*device='cpu'"):
+        offloadkit.apply(pipe, "diffusers-default")
+    assert hooked_submodules(pipe) == []
+
+
+@pytest.mark.parametrize("device, needle", [("cuda:7", "not available|does not exist"), ("cpu:1", "only index 0"),
+                                            ("tpu", "invalid device")])
+def test_bad_devices(device, needle):
+    if torch.cuda.is_available() and device.startswith("cuda"):
+        pytest.skip("meaningful only without CUDA")
+    with pytest.raises(DeviceError, match=needle):
+        offloadkit.plan(tiny_pipeline("sd"), "diffusers-default", device=device)
+
+
+def test_device_cpu_resolves_to_a_full_device():
+    plan = offloadkit.plan(tiny_pipeline("sd"), {"version": 1, "device": "cpu"})
+    assert plan.device == "cpu:0"
+
+
+def test_names_are_checked_against_the_pipeline(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nsequence: [text_encoder, unet, image_encoder]\n"
+                    "components:\n  unet2: {strategy: resident}\n  tokenizer: {strategy: resident}\n")
+    with pytest.raises(PolicyError) as info:
+        offloadkit.plan(tiny_pipeline("sd"), str(path), device="cpu")
+    message = str(info.value)
+    assert f"{path}:4:3 components.unet2: StableDiffusionPipeline has no component 'unet2'. Did you mean 'unet'?" in message
+    assert f"{path}:5:3 components.tokenizer: 'tokenizer' is a CLIPTokenizer, not a model" in message
+    assert f"{path}:2:32 sequence.2: 'image_encoder' is not loaded in this pipeline" in message
+    assert len(info.value.problems) == 3
+
+
+def test_quantization_refuse_and_keep(monkeypatch):
+    def quantized_sd():
+        pipe = tiny_pipeline("sd")
+        pipe.text_encoder.is_loaded_in_4bit = True
+        pipe.text_encoder.quantization_method = "bitsandbytes"
+        return pipe
+
+    with pytest.raises(PolicyError, match="'text_encoder' is bitsandbytes 4-bit.*bnb_4bit: refuse"):
+        offloadkit.plan(quantized_sd(), {"version": 1, "quantization": {"bnb_4bit": "refuse"}}, device="cpu")
+    plan = offloadkit.plan(quantized_sd(), {"version": 1, "quantization": {"bnb_4bit": "keep-on-device"}},
+                           device="cpu")
+    assert plan.component("text_encoder").strategy == "skip"
+    assert plan.sequence == ("unet", "vae")
+    plan = offloadkit.plan(quantized_sd(), "diffusers-default", device="cpu")
+    assert plan.component("text_encoder").strategy == "model"
+    # a component rule overrides the quantization rule
+    plan = offloadkit.plan(quantized_sd(), {"version": 1, "quantization": {"bnb_4bit": "refuse"},
+                                            "components": {"text_encoder": {"strategy": "resident"}}}, device="cpu")
+    assert plan.component("text_encoder").strategy == "resident"
+
+
+def test_other_quantizers_are_detected():
+    pipe = tiny_pipeline("sd")
+    pipe.unet.hf_quantizer = object()
+    with pytest.raises(PolicyError, match="'unet' is quantized.*other: refuse"):
+        offloadkit.plan(pipe, {"version": 1, "quantization": {"other": "refuse"}}, device="cpu")
+
+
+def test_foreign_accelerate_hooks_are_refused():
+    from accelerate import cpu_offload
+
+    pipe = tiny_pipeline("sd")
+    cpu_offload(pipe.unet, execution_device="cpu")
+    with pytest.raises(PipelineError, match="component 'unet' already has an Accelerate hook.*remove_all_hooks"):
+        offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    assert not hasattr(pipe.text_encoder, "_hf_hook")  # nothing was installed
+    # a component the policy leaves alone may keep its hooks
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"unet": {"strategy": "skip"}}}, device="cpu")
+    assert handle.plan.sequence == ("text_encoder", "vae")
+
+
+def test_diffusers_model_offload_is_replaced():
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    pipe.enable_model_cpu_offload(device="cpu")
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    assert pipe._all_hooks == []
+    assert pipe.unet._hf_hook is handle._hooks["unet"]
+    assert_same_images(run(pipe), reference)
+
+
+def test_group_offloaded_component_is_refused():
+    pipe = tiny_pipeline("sd")
+    pipe.unet.enable_group_offload(onload_device=torch.device("cpu"), offload_type="leaf_level")
+    with pytest.raises(PipelineError, match="component 'unet' has diffusers group offloading"):
+        offloadkit.apply(pipe, "diffusers-default", device="cpu")
+
+
+def test_device_mapped_pipeline_is_refused():
+    pipe = tiny_pipeline("sd")
+    object.__setattr__(pipe, "hf_device_map", {"unet": "cuda:0", "text_encoder": "cuda:1"})
+    with pytest.raises(PipelineError, match="device map.*reset_device_map"):
+        offloadkit.apply(pipe, "diffusers-default", device="cpu")
+
+
+def test_diffusers_switches_cannot_silently_replace_the_policy():
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    with pytest.raises(PipelineError, match="under the offloadkit policy 'diffusers-default'"):
+        pipe.enable_model_cpu_offload(device="cpu")
+    with pytest.raises(PipelineError, match="enable_sequential_cpu_offload"):
+        pipe.enable_sequential_cpu_offload(device="cpu")
+
+
+def test_loader_style_hook_removal_puts_the_policy_back():
+    """diffusers' LoRA loaders remove offload hooks, load, then call enable_model_cpu_offload()."""
+    from accelerate.hooks import remove_hook_from_module
+
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
+    for module in model_components(pipe).values():
+        remove_hook_from_module(module)
+    pipe.enable_model_cpu_offload()
+    assert pipe.unet._hf_hook is handle._hooks["unet"]
+    assert not hasattr(pipe.vae, "_hf_hook")
+    assert_same_images(run(pipe), reference)
+
+
+def test_parameterless_module_gets_a_working_hook():
+    from offloadkit.hooks import ChainOffloadHook, ComponentState
+    from offloadkit.trace import Trace
+    from accelerate.hooks import add_hook_to_module
+
+    class Scale(torch.nn.Module):
+        def forward(self, x):
+            return x * 2
+
+    module = Scale()
+    trace = Trace()
+    add_hook_to_module(module, ChainOffloadHook(torch.device("cpu", 0), None, ComponentState("scale", 0, trace)))
+    assert torch.equal(module(torch.ones(2)), torch.full((2,), 2.0))
+    assert [(e.component, e.action) for e in trace] == [("scale", "onload")]
+
+
+def test_apply_accepts_a_policy_object_and_path(tmp_path):
+    path = tmp_path / "p.yaml"
+    path.write_text("version: 1\nname: mine\ndevice: cpu\ncomponents:\n  vae: {strategy: resident}\n")
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, str(path))
+    assert handle.plan.policy == "mine" and handle.plan.device == "cpu:0"
+    handle = offloadkit.apply(pipe, offloadkit.load(str(path)))
+    assert handle.plan.component("vae").strategy == "resident"

@@ -1,0 +1,171 @@
+"""The `offloadkit` command: exit codes, messages, and staying light (no torch) where promised."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from offloadkit.cli import main
+
+ROOT = Path(__file__).resolve().parent.parent
+POLICY_FILES = sorted((ROOT / "policies").glob("*.yaml")) + sorted((ROOT / "examples").glob("*.yaml"))
+
+
+def test_there_are_policies_and_examples():
+    assert len(list((ROOT / "policies").glob("*.yaml"))) >= 3
+    assert len(list((ROOT / "examples").glob("*.yaml"))) >= 1
+
+
+@pytest.mark.parametrize("path", POLICY_FILES, ids=lambda p: f"{p.parent.name}/{p.name}")
+def test_validate_every_shipped_policy(path, capsys):
+    assert main(["validate", str(path)]) == 0
+    assert "valid" in capsys.readouterr().out
+    first_line = path.read_text().splitlines()[0]
+    assert first_line.startswith("# yaml-language-server: $schema=") and "policy.schema.json" in first_line
+
+
+def test_validate_invalid_exits_1_and_reports_every_file(capsys):
+    bad = ROOT / "tests" / "fixtures" / "invalid" / "bad_device.yaml"
+    also_bad = ROOT / "tests" / "fixtures" / "invalid" / "unknown_top_key.yaml"
+    good = ROOT / "policies" / "diffusers-default.yaml"
+    assert main(["validate", str(bad), str(good), str(also_bad)]) == 1
+    captured = capsys.readouterr()
+    assert "invalid device 'cuda1'" in captured.err
+    assert "unknown key 'sequnce'" in captured.err
+    assert "diffusers-default.yaml: valid" in captured.out
+    assert "Traceback" not in captured.err
+
+
+def test_usage_errors_exit_2():
+    with pytest.raises(SystemExit) as info:
+        main(["validate"])
+    assert info.value.code == 2
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+def test_validate_with_pipeline_checks_names(capsys):
+    fixtures = ROOT / "tests" / "fixtures" / "invalid_for_pipeline"
+    for path in sorted(fixtures.glob("*.yaml")):
+        text = path.read_text()
+        pipeline = text.split("# pipeline: ", 1)[1].split("\n", 1)[0]
+        assert main(["validate", str(path), "--pipeline", pipeline]) == 1, path.name
+        err = capsys.readouterr().err
+        for line in text.splitlines():
+            if line.startswith("# expect: "):
+                assert line[len("# expect: "):].replace("{file}", str(path)) in err, err
+    assert main(["validate", str(ROOT / "examples" / "sdxl-8gb.yaml"), "--pipeline",
+                 "StableDiffusionXLPipeline"]) == 0
+
+
+def test_validate_and_schema_do_not_import_torch(tmp_path):
+    code = (
+        "import sys\n"
+        "from offloadkit.cli import main\n"
+        f"assert main(['validate', {str(ROOT / 'examples' / 'sdxl-8gb.yaml')!r}, 'diffusers-default']) == 0\n"
+        f"assert main(['validate', {str(ROOT / 'tests' / 'fixtures' / 'invalid' / 'many_errors.yaml')!r}]) == 1\n"
+        f"assert main(['schema', '--check', '--output', {str(ROOT / 'schemas' / 'policy.schema.json')!r}]) == 0\n"
+        f"assert main(['schema', '--output', {str(tmp_path / 's.json')!r}]) == 0\n"
+        "heavy = [m for m in ('torch', 'diffusers', 'accelerate', 'transformers') if m in sys.modules]\n"
+        "assert not heavy, heavy\n"
+        "print('light')\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "light" in result.stdout
+
+
+def test_schema_check_detects_stale_and_missing(tmp_path, capsys):
+    target = tmp_path / "policy.schema.json"
+    assert main(["schema", "--check", "--output", str(target)]) == 1
+    assert "missing" in capsys.readouterr().err
+    assert main(["schema", "--output", str(target)]) == 0
+    assert main(["schema", "--check", "--output", str(target)]) == 0
+    target.write_text(target.read_text().replace('"version"', '"versoin"'))
+    assert main(["schema", "--check", "--output", str(target)]) == 1
+    assert "stale" in capsys.readouterr().err
+
+
+def test_committed_schema_is_current():
+    assert main(["schema", "--check", "--output", str(ROOT / "schemas" / "policy.schema.json")]) == 0
+
+
+def test_schema_describes_the_policy():
+    schema = json.loads((ROOT / "schemas" / "policy.schema.json").read_text())
+    assert schema["additionalProperties"] is False
+    assert schema["required"] == ["version"]
+    assert set(schema["properties"]) == {"version", "name", "description", "extends", "device", "sequence",
+                                         "exclude", "components", "quantization"}
+
+
+def test_list_shows_builtins(capsys):
+    assert main(["list"]) == 0
+    out = capsys.readouterr().out
+    for name in ("diffusers-default", "vae-resident", "controlnet-resident"):
+        assert name in out
+
+
+def test_explain_prints_a_plan(capsys):
+    assert main(["explain", "vae-resident", "--pipeline", "StableDiffusionXLPipeline", "--device", "cuda:1"]) == 0
+    out = capsys.readouterr().out
+    assert "offload chain: text_encoder -> text_encoder_2 -> image_encoder -> unet" in out
+    assert "on cuda:1" in out
+    assert main(["explain", "diffusers-default", "--pipeline", "FluxPipeline", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["pipeline"] == "FluxPipeline" and data["device"] == "auto"
+    assert data["sequence"] == ["text_encoder", "text_encoder_2", "image_encoder", "transformer", "vae"]
+
+
+def test_explain_unknown_pipeline_class(capsys):
+    assert main(["explain", "diffusers-default", "--pipeline", "StableDiffusionXLPipelin"]) == 1
+    err = capsys.readouterr().err
+    assert "no pipeline class 'StableDiffusionXLPipelin'" in err and "Did you mean 'StableDiffusionXLPipeline'" in err
+
+
+def test_explain_works_for_every_diffusers_pipeline_with_an_offload_sequence():
+    import diffusers
+
+    from offloadkit.loading import load
+    from offloadkit.pipeline_spec import spec_from_class
+    from offloadkit.resolve import resolve
+
+    policy = load("diffusers-default")
+    checked = 0
+    for name in dir(diffusers):
+        if not name.endswith("Pipeline"):
+            continue
+        try:
+            cls = getattr(diffusers, name)
+            seq = getattr(cls, "model_cpu_offload_seq", None)
+        except ImportError:  # needs an optional package that is not installed
+            continue
+        if not isinstance(cls, type) or not isinstance(seq, str):
+            continue
+        spec = spec_from_class(cls)
+        plan = resolve(policy, spec, "cuda:0")
+        # every name of the sequence that is a model component is chained, in the declared order
+        declared = [n for n in dict.fromkeys(seq.split("->")) if n in spec.model_names and n not in spec.exclude]
+        assert list(plan.sequence) == declared, name
+        checked += 1
+    assert checked > 200
+
+
+def test_demo_runs_and_outputs_match(capsys):
+    assert main(["demo", "--pipeline", "sd"]) == 0
+    out = capsys.readouterr().out
+    assert "outputs identical to the pipeline without offloading: yes" in out
+    assert "onload" in out and "offload chain:" in out
+
+
+def test_demo_with_a_policy_file(capsys):
+    assert main(["demo", "--policy", str(ROOT / "examples" / "sdxl-8gb.yaml")]) == 0
+    assert "sdxl-8gb" in capsys.readouterr().out
+
+
+def test_demo_bad_policy_is_a_clear_error(capsys):
+    assert main(["demo", "--policy", "no-such-policy"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "no built-in policy or file named 'no-such-policy'" in err

@@ -1,0 +1,57 @@
+"""GPU checks: skipped without CUDA (see conftest.py). Run on a CUDA machine with `pytest -m gpu`."""
+
+import numpy as np
+import pytest
+import torch
+
+import offloadkit
+from offloadkit.testing import TINY_PIPELINES, tiny_pipeline
+
+from helpers import run
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.mark.parametrize("name", TINY_PIPELINES)
+def test_outputs_equal_and_memory_lower_on_cuda(name):
+    pipe = tiny_pipeline(name).to("cuda")
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    resident_all = torch.cuda.memory_allocated()
+    reference = run(pipe)
+    peak_all = torch.cuda.max_memory_allocated()
+    pipe.to("cpu")
+    torch.cuda.empty_cache()
+
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cuda")
+    assert handle.plan.device == "cuda:0"
+    assert pipe._execution_device == torch.device("cuda", 0)
+    resident_offloaded = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    images = [run(pipe) for _ in range(2)]
+    peak_offloaded = torch.cuda.max_memory_allocated()
+
+    for image in images:
+        np.testing.assert_allclose(image, reference, atol=1e-5)
+    assert resident_offloaded < resident_all
+    assert peak_offloaded < peak_all
+    # after a call everything the chain onloaded is back in host RAM
+    assert torch.cuda.memory_allocated() <= resident_offloaded
+    assert any(e.target == "cuda:0" for e in handle.trace)
+    handle.remove()
+
+
+def test_device_auto_picks_cuda():
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, "diffusers-default")
+    assert handle.plan.device.startswith("cuda:")
+    handle.remove()
+
+
+def test_parity_with_diffusers_on_cuda():
+    ours = tiny_pipeline("sdxl")
+    offloadkit.apply(ours, "diffusers-default", device="cuda")
+    theirs = tiny_pipeline("sdxl")
+    theirs.enable_model_cpu_offload(device="cuda")
+    assert ours._execution_device == theirs._execution_device
+    np.testing.assert_array_equal(run(ours), run(theirs))
