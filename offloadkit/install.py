@@ -90,11 +90,12 @@ def _check_pipeline(pipe, the_plan: Plan) -> None:
     from diffusers.hooks.group_offloading import _is_group_offload_enabled
 
     handle = getattr(pipe, HANDLE_ATTR, None)
-    ours = set(id(h) for h in handle._hooks.values()) if handle is not None else set()
+    # Hooks of the policy being replaced are ours: its remove() takes them away.
+    ours = {c.name for c in handle.plan.components if c.strategy != "skip"} if handle is not None else set()
     diffusers_hooks = {id(h.hook) for h in (getattr(pipe, "_all_hooks", None) or [])}
     managed = {c.name for c in the_plan.components if c.strategy != "skip"}
     for name, component in pipe.components.items():
-        if name not in managed or not isinstance(component, torch.nn.Module):
+        if name not in managed or name in ours or not isinstance(component, torch.nn.Module):
             continue
         if _is_group_offload_enabled(component):
             raise PipelineError(f"component {name!r} has diffusers group offloading enabled, which cannot be "
@@ -105,7 +106,7 @@ def _check_pipeline(pipe, the_plan: Plan) -> None:
                                 "Load it without device_map, or give it `strategy: skip` in the policy")
         for module_name, module in component.named_modules():
             hook = getattr(module, "_hf_hook", None)
-            if hook is None or id(hook) in ours or id(hook) in diffusers_hooks:
+            if hook is None or id(hook) in diffusers_hooks:
                 continue
             where = f"{name}.{module_name}" if module_name else name
             raise PipelineError(
@@ -133,6 +134,9 @@ class _InstallContext:
         self.states[name] = state
         return state
 
+    def remember_weights(self, name, weights):
+        self.handle._weights[name] = weights
+
     def place(self, name, module):
         import time
 
@@ -156,6 +160,7 @@ class OffloadHandle:
         self._hooks: dict = {}
         self._states: dict = {}
         self._saved_devices: dict = {}
+        self._weights: dict = {}  # host copies kept by strategies that leave meta tensors behind
         self._base_class = None
         self._active = False
 
@@ -189,18 +194,19 @@ class OffloadHandle:
             strategy = STRATEGIES[component.strategy]
             module = components[component.name]
             link = previous if component.chain_index is not None else None
-            installed = strategy.install(ctx, component.name, module, None, link)
+            rule = strategy.rule(strategy=strategy.name, **component.options)
+            installed = strategy.install(ctx, component.name, module, rule, link)
             if component.chain_index is not None:
                 previous = installed
 
     def _remove_hooks(self) -> None:
-        from accelerate.hooks import remove_hook_from_module
-
         components = self.pipe.components
-        for name, hook in self._hooks.items():
-            module = components.get(name)
-            if module is not None and getattr(module, "_hf_hook", None) is hook:
-                remove_hook_from_module(module)
+        # Reverse of install order.
+        for component in reversed(self.plan.components):
+            uninstall = STRATEGIES[component.strategy].uninstall
+            module = components.get(component.name)
+            if uninstall is not None and module is not None:
+                uninstall(self, component.name, module)
         self._hooks.clear()
         self._states.clear()
 

@@ -22,6 +22,7 @@ class ComponentPlan:
     runs_on: str | None
     offloaded_by: str | None
     chain_index: int | None
+    options: dict
     bytes: int | None
     reason: str
 

@@ -13,6 +13,11 @@ from .schema import Policy
 from .strategies import STRATEGIES
 
 HOST = "cpu"
+WILDCARD = "*"  # `components: {"*": {...}}` is the rule for every model without one of its own
+
+
+def _rule(strategy: str):
+    return STRATEGIES[strategy].rule(strategy=strategy)
 
 _QUANT_LABELS = {
     "bnb_8bit": "bitsandbytes 8-bit",
@@ -46,7 +51,8 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
                                             key=path[0] == "components"))
 
     for name in policy.components:
-        check_name(("components", name), name, "given a rule")
+        if name != WILDCARD:
+            check_name(("components", name), name, "given a rule")
     for key, what in (("sequence", "offloaded in a chain"), ("exclude", "excluded")):
         names = getattr(policy, key)
         if names != "auto":
@@ -62,30 +68,33 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
     else:
         excluded = set(policy.exclude)
         exclude_reason = "policy `exclude`"
-    strategies, reasons = {}, {}
+    wildcard = policy.components.get(WILDCARD)
+    strategies, reasons, options = {}, {}, {}
     for name, component in models.items():
         rule = policy.components.get(name)
         if rule is not None:
-            strategies[name], reasons[name] = rule.strategy, "policy `components` rule"
-            continue
-        if name in excluded:
-            strategies[name], reasons[name] = "resident", exclude_reason
-            continue
-        strategies[name], reasons[name] = "model", "default: offloaded"
-        if component.quantization:
-            action = getattr(policy.quantization, component.quantization)
-            label = _QUANT_LABELS[component.quantization]
-            if action == "auto":
-                action = "keep-on-device" if component.quantization == "bnb_8bit" and not bnb_8bit_movable else "offload"
-            if action == "refuse":
-                problems.append(located_problem(
-                    policy, ("quantization", component.quantization),
-                    f"{name!r} is {label} and the policy says `{component.quantization}: refuse`. Choose "
-                    "'keep-on-device' or 'offload', or give the component a rule in `components`"))
-            elif action == "keep-on-device":
-                strategies[name], reasons[name] = "skip", f"{label}: kept where it was loaded"
-            else:
-                reasons[name] = f"{label}: offloaded like the others"
+            reason = "policy `components` rule"
+        elif name in excluded:
+            rule, reason = _rule("resident"), exclude_reason
+        else:
+            rule, reason = (wildcard, "policy `components.*` rule") if wildcard else (_rule("model"), "default")
+            if component.quantization:
+                action = getattr(policy.quantization, component.quantization)
+                label = _QUANT_LABELS[component.quantization]
+                if action == "auto":
+                    movable = component.quantization != "bnb_8bit" or bnb_8bit_movable
+                    action = "offload" if movable else "keep-on-device"
+                if action == "refuse":
+                    problems.append(located_problem(
+                        policy, ("quantization", component.quantization),
+                        f"{name!r} is {label} and the policy says `{component.quantization}: refuse`. Choose "
+                        "'keep-on-device' or 'offload', or give the component a rule in `components`"))
+                elif action == "keep-on-device":
+                    rule, reason = _rule("skip"), f"{label}: kept where it was loaded"
+                else:
+                    reason = f"{label}: {reason}"
+        strategies[name], reasons[name] = rule.strategy, reason
+        options[name] = rule.model_dump(exclude={"strategy"}, mode="json")
     if problems:
         raise PolicyError(problems)
 
@@ -127,10 +136,10 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
             else:
                 offloaded_by = sequence[index + 1] if index + 1 < len(sequence) else END_OF_CALL
             home, runs_on = HOST, device
-        elif strategy.placed:
-            index, offloaded_by, home, runs_on = None, None, device, device
         else:
-            index, offloaded_by, home, runs_on = None, None, "unchanged", None
+            index, offloaded_by = None, strategy.offloaded_by
+            home = device if strategy.home == "device" else strategy.home
+            runs_on = device if strategy.runs_on_device else None
         plans.append(ComponentPlan(
             name=name,
             type_name=component.type_name,
@@ -139,6 +148,7 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
             runs_on=runs_on,
             offloaded_by=offloaded_by,
             chain_index=index,
+            options=options[name],
             bytes=component.bytes,
             reason=reason,
         ))

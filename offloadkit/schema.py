@@ -87,7 +87,8 @@ class Policy(BaseModel):
     )
     components: dict[str, ComponentRule] = Field(
         default_factory=dict,
-        description="Per-component rules, keyed by the pipeline's component name.",
+        description="Per-component rules, keyed by the pipeline's component name; `*` is the rule for "
+        "every model without a rule of its own (after `exclude` and `quantization`).",
     )
     quantization: QuantizationRules = Field(
         default_factory=QuantizationRules,

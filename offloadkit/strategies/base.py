@@ -25,6 +25,8 @@ class Strategy:
     `chained` strategies take part in the offload sequence: the component is kept
     off the device until used and offloaded when the next chained component runs.
     `placed` strategies put the component on the execution device at apply time.
+    `install(ctx, name, module, rule, previous)` returns what the next chained component
+    needs (or None); `uninstall(handle, name, module)` undoes it.
     """
 
     name: str
@@ -33,6 +35,12 @@ class Strategy:
     chained: bool
     placed: bool
     install: Callable
+    uninstall: Callable | None = None
+    # How the plan shows an unchained strategy: where weights live between uses ("device" means the
+    # execution device), what offloads them, and whether the component computes on the device.
+    home: str = "cpu"
+    offloaded_by: str | None = None
+    runs_on_device: bool = True
 
 
 STRATEGIES: dict[str, Strategy] = {}

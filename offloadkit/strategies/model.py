@@ -25,6 +25,13 @@ def install(ctx, name, module, rule, previous):
     return attach_chain_hook(ctx, name, module, previous)
 
 
+def uninstall(handle, name, module):
+    from accelerate.hooks import remove_hook_from_module
+
+    if getattr(module, "_hf_hook", None) is handle._hooks.get(name):
+        remove_hook_from_module(module)
+
+
 STRATEGY = register(Strategy(
     name="model",
     rule=ModelRule,
@@ -32,4 +39,5 @@ STRATEGY = register(Strategy(
     chained=True,
     placed=False,
     install=install,
+    uninstall=uninstall,
 ))

@@ -29,4 +29,5 @@ STRATEGY = register(Strategy(
     chained=False,
     placed=True,
     install=install,
+    home="device",
 ))

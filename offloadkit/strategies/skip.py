@@ -28,4 +28,6 @@ STRATEGY = register(Strategy(
     chained=False,
     placed=False,
     install=install,
+    home="unchanged",
+    runs_on_device=False,
 ))

@@ -1,0 +1,83 @@
+"""The `sequential` strategy and the built-in `sequential` policy against enable_sequential_cpu_offload."""
+
+import pytest
+import torch
+
+import offloadkit
+from offloadkit.testing import TINY_PIPELINES, tiny_pipeline
+
+from helpers import assert_same_images, hooked_submodules, model_components, run
+
+
+def align_hooks(pipe):
+    """Every Accelerate hook inside every model: (module path, hook kinds, offload flags, device type)."""
+    from accelerate.hooks import AlignDevicesHook, SequentialHook
+
+    found = set()
+    for name, model in model_components(pipe).items():
+        for sub_name, module in model.named_modules():
+            hook = getattr(module, "_hf_hook", None)
+            if hook is None:
+                continue
+            hooks = hook.hooks if isinstance(hook, SequentialHook) else (hook,)
+            for h in hooks:
+                assert isinstance(h, AlignDevicesHook)
+                device = torch.device(h.execution_device).type if h.execution_device is not None else None
+                found.add((f"{name}.{sub_name}", h.offload, h.offload_buffers, h.io_same_device, device))
+    return found
+
+
+@pytest.mark.parametrize("name", TINY_PIPELINES)
+def test_hooks_match_enable_sequential_cpu_offload(name):
+    ours = tiny_pipeline(name)
+    offloadkit.apply(ours, "sequential", device="cpu")
+    theirs = tiny_pipeline(name)
+    theirs.enable_sequential_cpu_offload(device="cpu")  # builds the hooks; on CPU its calls fail (cpu:0)
+    assert align_hooks(ours) == align_hooks(theirs)
+    assert len(align_hooks(ours)) > 10
+
+
+@pytest.mark.parametrize("name", ["sd", "sdxl"])
+def test_weights_are_on_meta_between_calls_and_outputs_equal(name):
+    pipe = tiny_pipeline(name)
+    reference = run(pipe)
+    weights = {k: v.clone() for k, v in pipe.unet.state_dict().items()}
+    handle = offloadkit.apply(pipe, "sequential", device="cpu")
+    for _ in range(3):
+        assert_same_images(run(pipe), reference)
+        assert all(p.device.type == "meta" for p in pipe.unet.parameters())
+    assert pipe._execution_device == torch.device("cpu", 0)
+    handle.remove()
+    assert hooked_submodules(pipe) == []
+    restored = pipe.unet.state_dict()
+    assert all(torch.equal(restored[k], v) and restored[k].device.type == "cpu" for k, v in weights.items())
+    assert all(isinstance(p, torch.nn.Parameter) for p in pipe.unet.parameters())
+    assert_same_images(run(pipe), reference)
+
+
+def test_mixed_policy_model_sequential_resident():
+    pipe = tiny_pipeline("sdxl")
+    reference = run(pipe)
+    policy = {"version": 1, "components": {"unet": {"strategy": "sequential"}, "vae": {"strategy": "resident"}}}
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    assert handle.plan.sequence == ("text_encoder", "text_encoder_2")
+    assert handle.plan.component("unet").offloaded_by == "after each layer"
+    for _ in range(2):
+        assert_same_images(run(pipe), reference)
+    moved = {e.component for e in handle.trace}
+    assert moved == {"text_encoder", "text_encoder_2"}
+    # replacing the policy takes our own sequential hooks away first
+    offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    assert all(p.device.type == "cpu" for p in pipe.unet.parameters())
+    assert_same_images(run(pipe), reference)
+
+
+def test_wildcard_rule_yields_to_exclude_and_named_rules():
+    pipe = tiny_pipeline("sd")
+    policy = {"version": 1, "exclude": ["vae"],
+              "components": {"*": {"strategy": "sequential"}, "text_encoder": {"strategy": "model"}}}
+    plan = offloadkit.plan(pipe, policy, device="cpu")
+    assert {c.name: c.strategy for c in plan.components} == {
+        "text_encoder": "model", "unet": "sequential", "vae": "resident"}
+    assert plan.component("unet").options == {"offload_buffers": "auto"}
+    assert plan.sequence == ("text_encoder",)  # excluded and unchained models are left out of `auto`
