@@ -71,7 +71,7 @@ def _validate(args) -> int:
                 spec = spec or _class_spec(args.pipeline)
                 from .resolve import resolve
 
-                resolve(policy, spec, policy.device)
+                resolve(policy, spec, policy.device)  # names only: the device is not needed
         except OffloadkitError as exc:
             failed += 1
             print(str(exc), file=sys.stderr)
@@ -93,7 +93,9 @@ def _explain(args) -> int:
 
     policy = load(args.policy)
     spec = _class_spec(args.pipeline)
-    plan = resolve(policy, spec, args.device or policy.device)
+    from .device import device_label
+
+    plan = resolve(policy, spec, device_label(args.device or policy.device))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
 

@@ -17,6 +17,22 @@ def detect_accelerator() -> str | None:
     return None
 
 
+def device_label(text: str) -> str:
+    """A device string with its index, without checking this machine (for plans of another machine).
+
+    ``device_label("cuda") -> "cuda:0"``; ``auto`` stays ``auto``.
+    """
+    import re
+
+    from .schema import DEVICE_PATTERN
+
+    if not re.match(DEVICE_PATTERN, text):
+        raise DeviceError(f"invalid device {text!r}. Use 'auto', 'cpu', or an accelerator such as 'cuda' or 'cuda:1'")
+    if text == "auto" or ":" in text:
+        return text
+    return f"{text}:0"
+
+
 def resolve_device(requested) -> "torch.device":
     """A full device with its index. `auto` means the accelerator and fails clearly without one.
 
@@ -54,6 +70,15 @@ def resolve_device(requested) -> "torch.device":
         raise DeviceError(f"device {text!r} does not exist: this machine has {count} {device.type} device(s), "
                           f"indices 0 to {count - 1}")
     return torch.device(device.type, index)
+
+
+def module_device(module):
+    """Device of a module's first parameter (or buffer); None for a module without tensors."""
+    for tensor in module.parameters():
+        return tensor.device
+    for tensor in module.buffers():
+        return tensor.device
+    return None
 
 
 def same_device(a, b) -> bool:

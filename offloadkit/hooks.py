@@ -17,7 +17,7 @@ import time
 from accelerate.hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
 from accelerate.utils import send_to_device
 
-from .device import empty_cache, same_device
+from .device import empty_cache, module_device, same_device
 
 HOST = "cpu"
 
@@ -30,14 +30,6 @@ class ComponentState:
         self.nbytes = nbytes
         self.trace = trace
         self.resident = False
-
-
-def _first_tensor_device(module):
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
 
 
 class ChainOffloadHook(CpuOffload):
@@ -64,7 +56,7 @@ class ChainOffloadHook(CpuOffload):
             empty_cache(self.execution_device)
         state = self.state
         if state.resident:
-            current = _first_tensor_device(module)
+            current = module_device(module)
             if current is None or same_device(current, self.execution_device):
                 return args, kwargs
         start = time.perf_counter()

@@ -16,7 +16,7 @@ subclass has the same name, module and behaviour otherwise.
 
 from __future__ import annotations
 
-from .device import empty_cache, resolve_device
+from .device import empty_cache, module_device, resolve_device
 from .errors import PipelineError
 from .loading import load
 from .pipeline_spec import module_bytes, spec_from_pipeline
@@ -125,11 +125,11 @@ class _InstallContext:
         self.states = handle._states
 
     def state_for(self, name, module):
-        from .hooks import ComponentState, _first_tensor_device
+        from .hooks import ComponentState
 
         planned = self.handle.plan.component(name).bytes
         state = ComponentState(name, planned if planned is not None else module_bytes(module), self.handle.trace)
-        current = _first_tensor_device(module)
+        current = module_device(module)
         state.resident = current is not None and current.type != "cpu"
         self.states[name] = state
         return state
@@ -140,7 +140,7 @@ class _InstallContext:
     def place(self, name, module):
         import time
 
-        current = _module_device(module)
+        current = module_device(module)
         start = time.perf_counter()
         module.to(self.device)
         if current is not None and current.type != self.device.type:
@@ -175,7 +175,7 @@ class OffloadHandle:
         for component in self.plan.components:
             if component.strategy != "skip":
                 module = components[component.name]
-                device = _module_device(module)
+                device = module_device(module)
                 if device is not None:
                     self._saved_devices[component.name] = device
         self._install_hooks()
@@ -259,14 +259,6 @@ class OffloadHandle:
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
         return f"<OffloadHandle {self.plan.policy!r} on {self.device} ({state})>"
-
-
-def _module_device(module):
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
 
 
 _CLASSES: dict = {}

@@ -113,6 +113,10 @@ def test_explain_prints_a_plan(capsys):
     out = capsys.readouterr().out
     assert "offload chain: text_encoder -> text_encoder_2 -> image_encoder -> unet" in out
     assert "on cuda:1" in out
+    assert main(["explain", "vae-resident", "--pipeline", "StableDiffusionXLPipeline", "--device", "cuda"]) == 0
+    assert "on cuda:0" in capsys.readouterr().out
+    assert main(["explain", "vae-resident", "--pipeline", "StableDiffusionXLPipeline", "--device", "gpu"]) == 1
+    assert "invalid device 'gpu'" in capsys.readouterr().err
     assert main(["explain", "diffusers-default", "--pipeline", "FluxPipeline", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["pipeline"] == "FluxPipeline" and data["device"] == "auto"
