@@ -297,8 +297,22 @@ def _offloaded_class(base):
         method.__name__ = switch
         return method
 
+    def to(self, *args, **kwargs):
+        import torch
+
+        wants_device = kwargs.get("device") is not None or any(
+            not isinstance(arg, torch.dtype) and arg is not None for arg in args)
+        if wants_device:
+            handle = self.__dict__[HANDLE_ATTR]
+            raise PipelineError(
+                f"this pipeline is under the offloadkit policy {handle.plan.policy!r}, which decides where each "
+                "component lives; pipe.to(device) would silently undo it. Call offloadkit.remove(pipe) first, or "
+                "change the policy's `device` (or pass device= to offloadkit.apply)")
+        return base.to(self, *args, **kwargs)
+
     namespace = {
         "__call__": __call__,
+        "to": to,
         "_execution_device": property(_execution_device),
         "enable_model_cpu_offload": _reapply_or_refuse("enable_model_cpu_offload"),
         "enable_sequential_cpu_offload": _reapply_or_refuse("enable_sequential_cpu_offload"),

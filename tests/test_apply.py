@@ -314,3 +314,15 @@ def test_apply_accepts_a_policy_object_and_path(tmp_path):
     assert handle.plan.policy == "mine" and handle.plan.device == "cpu:0"
     handle = offloadkit.apply(pipe, offloadkit.load(str(path)))
     assert handle.plan.component("vae").strategy == "resident"
+
+
+def test_pipe_to_device_under_a_policy_is_refused_but_dtype_is_allowed():
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    for call in (lambda: pipe.to("cpu"), lambda: pipe.to(device="cpu"), lambda: pipe.to("cpu", torch.float32)):
+        with pytest.raises(PipelineError, match="pipe.to\\(device\\) would silently undo it"):
+            call()
+    assert pipe.to(torch.float32) is pipe
+    assert pipe.unet._hf_hook is pipe._offloadkit_handle._hooks["unet"]
+    offloadkit.remove(pipe)
+    assert pipe.to("cpu") is pipe
