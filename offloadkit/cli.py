@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -44,7 +45,8 @@ def _parser() -> argparse.ArgumentParser:
     demo = commands.add_parser("demo", help="apply a policy to a tiny built-in SDXL pipeline and show what moved")
     demo.add_argument("--device", default="cpu", help="execution device (default: cpu)")
     demo.add_argument("--policy", default="diffusers-default", help="policy file or built-in name")
-    demo.add_argument("--pipeline", default="sdxl", help="tiny pipeline: sd, sdxl, sd3 or controlnet")
+    demo.add_argument("--pipeline", default="sdxl", choices=("sd", "sdxl", "sd3", "controlnet"),
+                      help="tiny pipeline (default: sdxl)")
     return parser
 
 
@@ -57,6 +59,12 @@ def main(argv=None) -> int:
         return 1
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:  # a bug or an environment problem: say so in one line, not a traceback
+        if os.environ.get("OFFLOADKIT_DEBUG"):
+            raise
+        print(f"error: unexpected {type(exc).__name__}: {exc}. Set OFFLOADKIT_DEBUG=1 for the traceback "
+              "and please report it", file=sys.stderr)
+        return 1
 
 
 def _validate(args) -> int:
@@ -109,14 +117,23 @@ def _schema(args) -> int:
         if not path.is_file():
             print(f"{path}: missing. Run `offloadkit schema` to write it", file=sys.stderr)
             return 1
-        if path.read_text(encoding="utf-8") != text:
+        try:
+            current = path.read_text(encoding="utf-8")
+        except (OSError, UnicodeError) as exc:
+            print(f"{path}: cannot read it ({exc}). Run `offloadkit schema` to write it again", file=sys.stderr)
+            return 1
+        if current != text:
             print(f"{path}: stale (the policy models changed). Run `offloadkit schema` and commit the result",
                   file=sys.stderr)
             return 1
         print(f"{path}: up to date")
         return 0
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text, encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"{path}: cannot write it ({exc.strerror or exc}). Choose another --output", file=sys.stderr)
+        return 1
     print(f"wrote {path}")
     return 0
 

@@ -72,12 +72,14 @@ def closest(name: str, choices: Iterable[str]) -> str | None:
     return prefixed[0] if len(prefixed) == 1 else None
 
 
-def did_you_mean(name: str, choices: Iterable[str], what: str = "names") -> str:
-    """`Did you mean 'x'? Valid <what>: a, b, c.` for an unknown name."""
-    choices = list(choices)
+def did_you_mean(name: str, choices: Iterable[str], what: str = "names", max_listed: int = 20) -> str:
+    """`Did you mean 'x'? Valid <what>: a, b, c.` for an unknown name (long lists are not spelled out)."""
+    choices = [c for c in choices if c != name]
     hint = ""
     match = closest(name, choices)
     if match is not None:
         hint = f"Did you mean {match!r}? "
+    if len(choices) > max_listed:
+        return f"{hint}There are {len(choices)} valid {what}.".strip()
     listed = ", ".join(repr(c) for c in choices) if choices else "(none)"
     return f"{hint}Valid {what}: {listed}."

@@ -31,6 +31,13 @@ class ComponentState:
         self.trace = trace
         self.resident = False
 
+    def on_device(self, module) -> bool:
+        """Resident by our own account, or moved off the host by someone else (then offload it too)."""
+        if self.resident:
+            return True
+        device = module_device(module)
+        return device is not None and device.type not in ("cpu", "meta")
+
 
 class ChainOffloadHook(CpuOffload):
     def __init__(self, execution_device, prev_module_hook, state: ComponentState):
@@ -40,7 +47,7 @@ class ChainOffloadHook(CpuOffload):
     def init_hook(self, module):
         """Offload to host RAM (also what `UserCpuOffloadHook.offload()` calls)."""
         state = self.state
-        if not state.resident:
+        if not state.on_device(module):
             return module.to(HOST)
         start = time.perf_counter()
         module = module.to(HOST)
@@ -51,7 +58,7 @@ class ChainOffloadHook(CpuOffload):
 
     def pre_forward(self, module, *args, **kwargs):
         previous = self.prev_module_hook
-        if previous is not None and getattr(previous.hook, "state", None) is not None and previous.hook.state.resident:
+        if previous is not None and previous.hook.state.on_device(previous.model):
             previous.offload()
             empty_cache(self.execution_device)
         state = self.state

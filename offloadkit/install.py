@@ -129,8 +129,6 @@ class _InstallContext:
 
         planned = self.handle.plan.component(name).bytes
         state = ComponentState(name, planned if planned is not None else module_bytes(module), self.handle.trace)
-        current = module_device(module)
-        state.resident = current is not None and current.type != "cpu"
         self.states[name] = state
         return state
 
@@ -157,10 +155,11 @@ class OffloadHandle:
         self.policy = policy
         self.device = device
         self.trace = Trace()
-        self._hooks: dict = {}
-        self._states: dict = {}
+        self._hooks: dict = {}  # component -> its top-level hook, for every strategy that installs one
+        self._states: dict = {}  # component -> residency state, for chained components
         self._saved_devices: dict = {}
-        self._weights: dict = {}  # host copies kept by strategies that leave meta tensors behind
+        self._weights: dict = {}  # original tensors kept by strategies that leave meta tensors behind
+        self._diffusers_offload_device = None  # set when apply replaced enable_model_cpu_offload
         self._base_class = None
         self._active = False
 
@@ -168,22 +167,39 @@ class OffloadHandle:
 
     def _install(self) -> None:
         pipe = self.pipe
-        # diffusers' own model offload is replaced, as enable_model_cpu_offload itself would do.
+        # diffusers' own model offload is replaced, as enable_model_cpu_offload itself would do,
+        # and given back by remove().
         if getattr(pipe, "_all_hooks", None):
+            self._diffusers_offload_device = getattr(pipe, "_offload_device", None)
             pipe.remove_all_hooks()
-        components = pipe.components
-        for component in self.plan.components:
-            if component.strategy != "skip":
-                module = components[component.name]
-                device = module_device(module)
-                if device is not None:
-                    self._saved_devices[component.name] = device
-        self._install_hooks()
+        self._save_devices()
+        try:
+            self._install_hooks()
+        except BaseException:
+            # e.g. out of memory placing a resident model: leave nothing half-installed behind
+            self._remove_hooks()
+            self._restore_devices()
+            raise
         self._base_class = type(pipe)
         pipe.__class__ = _offloaded_class(self._base_class)
         setattr(pipe, HANDLE_ATTR, self)
         self._active = True
         empty_cache(self.device)
+
+    def _save_devices(self) -> None:
+        components = self.pipe.components
+        for component in self.plan.components:
+            if component.strategy != "skip" and component.name not in self._saved_devices:
+                device = module_device(components[component.name])
+                if device is not None:
+                    self._saved_devices[component.name] = device
+
+    def _restore_devices(self) -> None:
+        components = self.pipe.components
+        for name, device in self._saved_devices.items():
+            module = components.get(name)
+            if module is not None and module_device(module) not in (None, device):
+                module.to(device)
 
     def _install_hooks(self) -> None:
         ctx = _InstallContext(self)
@@ -211,28 +227,38 @@ class OffloadHandle:
         self._states.clear()
 
     def remove(self) -> None:
-        """Undo `apply`: hooks removed, original class back, components on the devices they were on."""
+        """Undo `apply`: hooks removed, original class back, components on the devices they were on.
+
+        If `apply` replaced diffusers' own `enable_model_cpu_offload`, that is switched back on.
+        """
         if not self._active:
             return
         pipe = self.pipe
-        self._remove_hooks()
-        pipe.__class__ = self._base_class
-        pipe.__dict__.pop(HANDLE_ATTR, None)
-        components = pipe.components
-        for name, device in self._saved_devices.items():
-            module = components.get(name)
-            if module is not None:
-                module.to(device)
         self._active = False
-        empty_cache(self.device)
+        try:
+            self._remove_hooks()
+            self._restore_devices()
+        finally:
+            # whatever failed above, the pipeline is not left looking as if the policy were applied
+            pipe.__class__ = self._base_class
+            pipe.__dict__.pop(HANDLE_ATTR, None)
+            empty_cache(self.device)
+        if self._diffusers_offload_device is not None:
+            pipe.enable_model_cpu_offload(device=self._diffusers_offload_device)
 
     @property
     def active(self) -> bool:
         return self._active
 
     def reinstall(self) -> None:
-        """Put the policy's hooks back (after code outside offloadkit removed them)."""
+        """Put the policy's hooks back after code outside offloadkit removed them (diffusers' loaders).
+
+        The plan is resolved again: a loader may have added a component (`load_ip_adapter`).
+        """
         self._remove_hooks()
+        self.plan = resolve(self.policy, spec_from_pipeline(self.pipe), str(self.device),
+                            bnb_8bit_movable=_bnb_8bit_movable())
+        self._save_devices()
         self._install_hooks()
 
     # --- per call -----------------------------------------------------------------------------
@@ -244,17 +270,18 @@ class OffloadHandle:
         """The policy's end of call: everything the chain onloaded goes back to host RAM."""
         components = self.pipe.components
         offloaded = False
-        for name, hook in self._hooks.items():
-            state = self._states.get(name)
-            if state is not None and state.resident:
-                hook.init_hook(components[name])
+        for name, state in self._states.items():
+            module = components[name]
+            if state.on_device(module):
+                self._hooks[name].init_hook(module)
                 offloaded = True
         if offloaded:
             empty_cache(self.device)
 
     def _hooks_intact(self) -> bool:
         components = self.pipe.components
-        return all(getattr(components.get(n), "_hf_hook", None) is h for n, h in self._hooks.items())
+        return bool(self._hooks) and all(
+            getattr(components.get(n), "_hf_hook", None) is h for n, h in self._hooks.items())
 
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"
@@ -310,9 +337,25 @@ def _offloaded_class(base):
                 "change the policy's `device` (or pass device= to offloadkit.apply)")
         return base.to(self, *args, **kwargs)
 
+    def __reduce_ex__(self, protocol):
+        raise PipelineError("a pipeline under an offloadkit policy cannot be pickled or copied (its hooks and "
+                            "offloaded weights are not plain state). Call offloadkit.remove(pipe) first, then "
+                            "apply the policy again to each copy")
+
+    def save_pretrained(self, *args, **kwargs):
+        handle = self.__dict__[HANDLE_ATTR]
+        meta = [c.name for c in handle.plan.components if c.name in handle._weights]
+        if meta:
+            raise PipelineError(f"{', '.join(map(repr, meta))} keep their weights off the model under the policy "
+                                f"{handle.plan.policy!r} (strategy sequential), so they cannot be saved as they are. "
+                                "Call offloadkit.remove(pipe) first, save, then apply the policy again")
+        return base.save_pretrained(self, *args, **kwargs)
+
     namespace = {
         "__call__": __call__,
         "to": to,
+        "__reduce_ex__": __reduce_ex__,
+        "save_pretrained": save_pretrained,
         "_execution_device": property(_execution_device),
         "enable_model_cpu_offload": _reapply_or_refuse("enable_model_cpu_offload"),
         "enable_sequential_cpu_offload": _reapply_or_refuse("enable_sequential_cpu_offload"),

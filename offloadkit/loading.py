@@ -59,25 +59,40 @@ def _read_source(source, base_dir: Path, origin: Problem | None):
     """Read a path or built-in name; returns (document, directory for relative extends, identity key)."""
     text = str(source)
     builtins = builtin_policies()
-    looks_like_path = isinstance(source, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text
+    looks_like_path = (isinstance(source, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text
+                       or text in (".", ".."))
     if not looks_like_path and text in builtins:
         resource = builtins[text]
         return parse_yaml(resource.read_text(encoding="utf-8"), f"<builtin:{text}>"), base_dir, f"builtin:{text}"
     path = Path(text)
     if not path.is_absolute():
         path = base_dir / path
-    if path.is_file():
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        is_file = False
+        looks_like_path = True
+        reason = exc.strerror
+    else:
+        reason = None
+    if is_file:
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            raise PolicyError(Problem(f"cannot read the file ({exc.strerror}). Check its permissions",
-                                      str(source))) from None
+            problem_text = f"cannot read policy file {text!r} ({exc.strerror}). Check its permissions"
+            if origin is not None:
+                raise PolicyError(Problem(problem_text, origin.source, origin.path, origin.line,
+                                          origin.column)) from None
+            raise PolicyError(Problem(problem_text, text)) from None
         shown = str(source) if origin is None else _display_path(path)
         return parse_yaml(raw, shown), path.parent, str(path.resolve())
     if looks_like_path:
-        message = f"policy file {text!r} not found"
-        if path.is_dir():
-            message = f"{text!r} is a folder, not a policy file"
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        message = f"policy file {shown!r} not found"
+        if reason is not None:
+            message = f"cannot open policy file {shown!r} ({reason})"
+        elif path.is_dir():
+            message = f"{shown!r} is a folder, not a policy file"
         problem_text = f"{message}. Check the path (relative paths start from {base_dir})"
     else:
         problem_text = (f"no built-in policy or file named {text!r}. "
@@ -264,7 +279,9 @@ def _translate(exc: ValidationError, data: dict, positions: dict, source: str) -
                 message += " Add it"
         elif kind in ("union_tag_invalid", "literal_error", "enum"):
             choices = _expected_values(err.get("ctx"))
-            if path and path[0] in ("sequence", "exclude") and len(path) == 1:
+            if path[-1:] == ("offload_buffers",):
+                message = f"must be 'auto', true or false, not {value!r}. Use one of those"
+            elif path and path[0] in ("sequence", "exclude") and len(path) == 1:
                 message = f"must be 'auto' or a list of component names, not {value!r}. Write `{path[0]}: auto` or a list such as `[text_encoder, unet]`"
             else:
                 what = "strategies" if kind == "union_tag_invalid" else "values"
@@ -287,15 +304,27 @@ def _translate(exc: ValidationError, data: dict, positions: dict, source: str) -
                 message += " Write e.g. `components: {vae: {strategy: resident}}`"
             else:
                 message += " Give keys and values"
+        elif kind == "string_type" and path and path[0] in ("sequence", "exclude"):
+            message = f"must be a component name, not {value!r}. Quote it if it is one"
         elif kind == "string_type":
             message = f"must be a string, not {value!r}. Quote the value"
+        elif kind == "bool_parsing":
+            message = f"must be true or false, not {value!r}."
+            if path and path[-1] == "offload_buffers":
+                message = f"must be 'auto', true or false, not {value!r}. Use one of those"
+        elif kind == "value_error":
+            message = str(err.get("ctx", {}).get("error", err["msg"]))
         else:
             message = err["msg"].rstrip(".") + ". Fix the value"
         # A union reports one failure per branch at the same place; one message per place is enough.
         key = (path, at_key)
         if key not in problems or kind in ("union_tag_invalid", "literal_error", "extra_forbidden"):
             problems[key] = _locate(positions, path, message, at_key, source)
-    return sorted(problems.values(), key=lambda p: (p.source, p.line or 0, p.column or 0, p.dotted_path))
+    # A union (`auto` or a list) reports the whole value and its items; the item errors say more.
+    found = list(problems.values())
+    found = [p for p in found if not any(q.path[: len(p.path)] == p.path and len(q.path) > len(p.path)
+                                         for q in found)]
+    return sorted(found, key=lambda p: (p.source, p.line or 0, p.column or 0, p.dotted_path))
 
 
 # --- checks the schema cannot express ----------------------------------------------------------

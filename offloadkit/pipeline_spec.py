@@ -119,11 +119,13 @@ def resolve_pipeline_class(name: str):
     """A diffusers pipeline class from its name (`StableDiffusionXLPipeline`)."""
     import diffusers
 
-    cls = getattr(diffusers, name, None) if name.isidentifier() else None
-    if cls is None or not isinstance(cls, type):
+    cls = getattr(diffusers, name, None) if name.isidentifier() and not name.startswith("_") else None
+    if cls is None or not isinstance(cls, type) or not issubclass(cls, diffusers.DiffusionPipeline) \
+            or cls is diffusers.DiffusionPipeline:
         candidates = [n for n in dir(diffusers) if n.endswith("Pipeline")]
-        raise PipelineError(f"diffusers has no pipeline class {name!r}. " + did_you_mean(name, candidates,
-                                                                                       "pipeline classes"))
+        what = "no pipeline class" if cls is None else "no concrete pipeline class (it must be a subclass of " \
+            "DiffusionPipeline with its own components; Auto* classes pick one at load time)"
+        raise PipelineError(f"diffusers has {what} {name!r}. " + did_you_mean(name, candidates, "pipeline classes"))
     try:
         getattr(cls, "model_cpu_offload_seq", None)
     except ImportError as exc:

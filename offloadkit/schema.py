@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
 
 from .strategies import STRATEGIES
 
@@ -94,6 +94,14 @@ class Policy(BaseModel):
         default_factory=QuantizationRules,
         description="What to do with quantized components.",
     )
+
+    @field_validator("version", mode="before")
+    @classmethod
+    def _exactly_one(cls, value):
+        # YAML's `true` and `1.0` would pass as 1 in pydantic's lax mode; the JSON Schema says const 1.
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ValueError(f"unsupported version {value!r}. This offloadkit reads `version: 1`")
+        return value
 
     # Where the policy came from, for error messages that point into the file.
     _document: object = PrivateAttr(default=None)

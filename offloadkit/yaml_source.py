@@ -73,8 +73,9 @@ def parse_yaml(text: str | bytes, source: str = "<string>") -> YamlDocument:
         raise PolicyError(Problem(f"file is {len(text):,} characters long; policies are limited to "
                                   f"{MAX_BYTES:,}. Split it with `extends`", source))
 
-    loader = yaml.SafeLoader(text)
+    loader = None
     try:
+        loader = yaml.SafeLoader(text)  # the reader rejects control characters here already
         root = loader.get_single_node()
     except yaml.MarkedYAMLError as exc:
         mark = exc.problem_mark or exc.context_mark
@@ -83,6 +84,10 @@ def parse_yaml(text: str | bytes, source: str = "<string>") -> YamlDocument:
         if "\t" in str(exc) or "'\\t'" in str(exc):
             hint = "Indent with spaces; YAML does not allow tabs"
         raise PolicyError(_problem(source, mark, f"invalid YAML: {what}. {hint}")) from None
+    except yaml.reader.ReaderError as exc:
+        raise PolicyError(Problem(f"invalid character {chr(exc.character)!r} (code {exc.character:#x}) at "
+                                  f"character {exc.position}: {exc.reason}. Remove it; policies are plain text",
+                                  source)) from None
     except yaml.YAMLError as exc:
         raise PolicyError(Problem(f"invalid YAML: {exc}. Fix the YAML syntax", source)) from None
     try:

@@ -10,7 +10,7 @@ import offloadkit
 from offloadkit.errors import DeviceError, PipelineError, PolicyError
 from offloadkit.testing import tiny_pipeline
 
-from helpers import assert_same_images, hooked_submodules, model_components, run
+from helpers import assert_same_images, hook_structure, hooked_submodules, model_components, run
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -326,3 +326,91 @@ def test_pipe_to_device_under_a_policy_is_refused_but_dtype_is_allowed():
     assert pipe.unet._hf_hook is pipe._offloadkit_handle._hooks["unet"]
     offloadkit.remove(pipe)
     assert pipe.to("cpu") is pipe
+
+
+def test_textual_inversion_keeps_the_model_policy():
+    embedding = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    plain = tiny_pipeline("sd")
+    plain.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
+    expected = run(plain, prompt="a <cat>")
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
+    pipe.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
+    assert pipe.text_encoder._hf_hook is handle._hooks["text_encoder"]
+    assert not hasattr(pipe.vae, "_hf_hook")
+    assert_same_images(run(pipe, prompt="a <cat>"), expected)
+
+
+def test_reinstall_plans_components_a_loader_added():
+    """load_ip_adapter registers an image encoder between stripping hooks and re-enabling offload."""
+    from accelerate.hooks import remove_hook_from_module
+    from transformers import CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    for module in model_components(pipe).values():
+        remove_hook_from_module(module)
+    torch.manual_seed(0)
+    encoder = CLIPVisionModelWithProjection(CLIPVisionConfig(
+        hidden_size=16, intermediate_size=24, num_hidden_layers=1, num_attention_heads=2, image_size=32,
+        patch_size=8, projection_dim=16)).eval()
+    pipe.register_modules(image_encoder=encoder)
+    pipe.enable_model_cpu_offload()
+    assert handle.plan.sequence == ("text_encoder", "image_encoder", "unet", "vae")
+    assert pipe.image_encoder._hf_hook is handle._hooks["image_encoder"]
+    assert pipe.unet._hf_hook.prev_module_hook.model is encoder
+
+
+def test_failed_apply_leaves_nothing_behind():
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    original_to = pipe.vae.to
+
+    def out_of_memory(*args, **kwargs):
+        raise torch.OutOfMemoryError("simulated")
+
+    pipe.vae.to = out_of_memory
+    with pytest.raises(torch.OutOfMemoryError):
+        offloadkit.apply(pipe, "vae-resident", device="cpu")
+    assert hooked_submodules(pipe) == []
+    assert not hasattr(pipe, "_offloadkit_handle")
+    pipe.vae.to = original_to
+    offloadkit.apply(pipe, "vae-resident", device="cpu")  # a retry is not refused
+    assert_same_images(run(pipe), reference)
+
+
+def test_remove_gives_back_diffusers_model_offload():
+    pipe = tiny_pipeline("sd")
+    pipe.enable_model_cpu_offload(device="cpu")
+    before = hook_structure(pipe)
+    handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
+    assert hook_structure(pipe) != before
+    handle.remove()
+    assert hook_structure(pipe) == before and len(pipe._all_hooks) == 3
+
+
+def test_pickling_or_copying_under_a_policy_is_a_clear_error():
+    import copy
+    import pickle
+
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    with pytest.raises(PipelineError, match="cannot be pickled or copied"):
+        pickle.dumps(pipe)
+    with pytest.raises(PipelineError, match="cannot be pickled or copied"):
+        copy.deepcopy(pipe)
+    offloadkit.remove(pipe)
+    assert pickle.loads(pickle.dumps(pipe)).unet is not None
+
+
+def test_save_pretrained_under_model_policy_saves_real_weights(tmp_path):
+    from diffusers import StableDiffusionPipeline
+
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    run(pipe)
+    pipe.save_pretrained(tmp_path / "saved")
+    loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
+    loaded.set_progress_bar_config(disable=True)
+    assert_same_images(run(loaded), reference)

@@ -173,3 +173,37 @@ def test_demo_bad_policy_is_a_clear_error(capsys):
     assert main(["demo", "--policy", "no-such-policy"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "no built-in policy or file named 'no-such-policy'" in err
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"version: 1\n\x00\n", "invalid character '\\x00'"),
+    (b"version: true\n", "unsupported version True"),
+    (b"version: 1.0\n", "unsupported version 1.0"),
+    (b"version: 1\nsequence: [yes, no]\n", "sequence.0: must be a component name, not True"),
+    (b"\xef\xbb\xbfversion: 1\r\nsequnce: auto\r\n", ":2:1 sequnce: unknown key"),
+])
+def test_odd_files_give_one_line_errors(tmp_path, capsys, content, needle):
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err
+
+
+def test_bad_paths_give_one_line_errors(tmp_path, capsys):
+    assert main(["validate", "a" * 5000 + ".yaml"]) == 1
+    assert "File name too long" in capsys.readouterr().err
+    assert main(["validate", str(tmp_path)]) == 1
+    assert "is a folder, not a policy file" in capsys.readouterr().err
+    assert main(["schema", "--output", "/proc/no/such/dir/s.json"]) == 1
+    assert "cannot write it" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as info:
+        main(["demo", "--pipeline", "nope"])
+    assert info.value.code == 2
+
+
+def test_explain_refuses_non_pipeline_classes(capsys):
+    for name in ("AutoPipelineForText2Image", "DiffusionPipeline", "__class__"):
+        assert main(["explain", "diffusers-default", "--pipeline", name]) == 1
+        err = capsys.readouterr().err
+        assert "no concrete pipeline class" in err or "no pipeline class" in err

@@ -55,3 +55,11 @@ def test_parity_with_diffusers_on_cuda():
     theirs.enable_model_cpu_offload(device="cuda")
     assert ours._execution_device == theirs._execution_device
     np.testing.assert_array_equal(run(ours), run(theirs))
+
+
+def test_a_model_moved_by_hand_is_still_offloaded():
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, "diffusers-default", device="cuda")
+    pipe.text_encoder.to("cuda")  # outside the policy's knowledge
+    run(pipe)
+    assert next(pipe.text_encoder.parameters()).device.type == "cpu"

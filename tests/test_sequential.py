@@ -81,3 +81,54 @@ def test_wildcard_rule_yields_to_exclude_and_named_rules():
         "text_encoder": "model", "unet": "sequential", "vae": "resident"}
     assert plan.component("unet").options == {"offload_buffers": "auto"}
     assert plan.sequence == ("text_encoder",)  # excluded and unchained models are left out of `auto`
+
+
+def test_remove_puts_back_the_models_own_tensors_ties_and_dtype():
+    from offloadkit.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(with_t5=True)
+    t5 = pipe.text_encoder_3
+    shared = t5.shared.weight
+    assert t5.encoder.embed_tokens.weight is shared
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, "sequential", device="cpu")
+    assert_same_images(run(pipe), reference)
+    handle.remove()
+    assert t5.shared.weight is shared and t5.encoder.embed_tokens.weight is shared
+    assert_same_images(run(pipe), reference)
+
+    # a dtype change made while the policy was applied survives remove()
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"transformer": {"strategy": "sequential"}}},
+                              device="cpu")
+    pipe.to(torch.float64)
+    handle.remove()
+    assert {p.dtype for p in pipe.transformer.parameters()} == {torch.float64}
+    run(pipe)  # no dtype mismatch
+
+
+def test_textual_inversion_keeps_the_sequential_policy():
+    """diffusers' loader strips the hooks, loads, and calls enable_sequential_cpu_offload(): the policy comes back."""
+    embedding = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    plain = tiny_pipeline("sd")
+    plain.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
+    expected = run(plain, prompt="a <cat>")
+
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, "sequential", device="cpu")
+    pipe.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
+    assert handle.active and handle._hooks_intact()
+    assert all(p.device.type == "meta" for p in pipe.unet.parameters())
+    assert_same_images(run(pipe, prompt="a <cat>"), expected)
+    handle.remove()
+    assert hooked_submodules(pipe) == []
+    assert_same_images(run(pipe, prompt="a <cat>"), expected)
+
+
+def test_save_pretrained_under_sequential_is_refused(tmp_path):
+    from offloadkit.errors import PipelineError
+
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, "sequential", device="cpu")
+    with pytest.raises(PipelineError, match="cannot be saved as they are.*offloadkit.remove"):
+        pipe.save_pretrained(tmp_path / "out")
+    assert not (tmp_path / "out").exists()

@@ -34,23 +34,51 @@ def _execution_device(device):
 def install(ctx, name, module, rule, previous):
     from accelerate import cpu_offload
 
-    offload_buffers = getattr(rule, "offload_buffers", "auto")
+    offload_buffers = rule.offload_buffers
     if offload_buffers == "auto":
         offload_buffers = len(module._parameters) > 0
-    weights = {key: tensor.to("cpu") for key, tensor in module.state_dict().items()}
-    ctx.remember_weights(name, weights)
+    # On the host first (as diffusers does), so the host copies below are the model's own tensors:
+    # no second copy, and remove() can put the very same objects back (ties included).
+    module.to("cpu")
+    ctx.remember_weights(name, _own_tensors(module))
+    weights = dict(module.state_dict())
     cpu_offload(module, _execution_device(ctx.device), offload_buffers=offload_buffers, state_dict=weights)
+    ctx.hooked[name] = module._hf_hook
     return None
+
+
+def _own_tensors(module) -> dict:
+    """Every parameter and buffer object, addressed by (submodule path, kind, name)."""
+    found = {}
+    for path, sub in module.named_modules():
+        for key, tensor in sub._parameters.items():
+            if tensor is not None:
+                found[(path, "parameter", key)] = tensor
+        for key, tensor in sub._buffers.items():
+            if tensor is not None:
+                found[(path, "buffer", key)] = tensor
+    return found
 
 
 def uninstall(handle, name, module):
     from accelerate.hooks import remove_hook_from_module
 
+    # Accelerate's detach puts new tensor objects (over the host copies) where the meta ones were;
+    # put the model's own objects back so ties and references held elsewhere hold again.
     remove_hook_from_module(module, recurse=True)
-    weights = handle._weights.pop(name, None)
-    if weights is not None:
-        # Put the host copies back in place of the meta tensors.
-        module.load_state_dict(weights, assign=True, strict=False)
+    originals = handle._weights.pop(name, None) or {}
+    submodules = dict(module.named_modules())
+    for (path, kind, key), original in originals.items():
+        sub = submodules.get(path)
+        table = getattr(sub, "_parameters" if kind == "parameter" else "_buffers", None)
+        current = table.get(key) if table is not None else None
+        if current is None or current is original or current.shape != original.shape:
+            continue  # gone, already right, or replaced by someone else (a loader resized it): leave it
+        if current.device.type == "meta":
+            original.data = original.data.to(current.dtype)
+        else:
+            original.data = current.data  # the values as they are now, e.g. after pipe.to(dtype)
+        table[key] = original
 
 
 STRATEGY = register(Strategy(
