@@ -95,6 +95,11 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
                     reason = f"{label}: {reason}"
         strategies[name], reasons[name] = rule.strategy, reason
         options[name] = rule.model_dump(exclude={"strategy"}, mode="json")
+        check = STRATEGIES[rule.strategy].check
+        problem = check(rule, device.split(":")[0]) if check is not None and device != "auto" else None
+        if problem:
+            path = ("components", name) if name in policy.components else ("components", WILDCARD)
+            problems.append(located_problem(policy, path, f"{name!r}: {problem}"))
     if problems:
         raise PolicyError(problems)
 

@@ -41,6 +41,8 @@ class Strategy:
     home: str = "cpu"
     offloaded_by: str | None = None
     runs_on_device: bool = True
+    # check(rule, device_type) -> a reason the rule cannot run on that kind of device, or None
+    check: Callable | None = None
 
 
 STRATEGIES: dict[str, Strategy] = {}

@@ -1,0 +1,72 @@
+"""The `group` strategy: diffusers' group offloading engine configured from the policy."""
+
+import pytest
+
+import offloadkit
+from offloadkit.errors import PolicyError
+from offloadkit.testing import tiny_pipeline
+
+from helpers import assert_same_images, run
+
+
+def group_enabled(module):
+    from diffusers.hooks.group_offloading import _is_group_offload_enabled
+
+    return _is_group_offload_enabled(module)
+
+
+def test_mixed_policy_encoders_model_unet_group_vae_resident():
+    pipe = tiny_pipeline("sdxl")
+    reference = run(pipe)
+    policy = {"version": 1, "components": {
+        "unet": {"strategy": "group", "offload_type": "block_level", "num_blocks_per_group": 1},
+        "vae": {"strategy": "resident"}}}
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    assert handle.plan.sequence == ("text_encoder", "text_encoder_2")
+    assert handle.plan.component("unet").offloaded_by == "after each group"
+    assert group_enabled(pipe.unet) and not group_enabled(pipe.text_encoder)
+    for _ in range(2):
+        assert_same_images(run(pipe), reference)
+    # the chain around the group-offloaded model still runs in order
+    assert [(e.component, e.action) for e in handle.trace.for_call(2)] == [
+        ("text_encoder", "onload"), ("text_encoder", "offload"),
+        ("text_encoder_2", "onload"), ("text_encoder_2", "offload")]
+    handle.remove()
+    assert not group_enabled(pipe.unet)
+    assert_same_images(run(pipe), reference)
+
+
+@pytest.mark.parametrize("rule", [
+    {"strategy": "group", "offload_type": "leaf_level"},
+    {"strategy": "group", "offload_type": "block_level", "num_blocks_per_group": 2},
+    {"strategy": "group", "block_modules": ["text_model.encoder.layers"]},
+])
+def test_group_options_keep_outputs(rule):
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    offloadkit.apply(pipe, {"version": 1, "components": {"text_encoder": rule, "unet": {**rule, "block_modules": None}}},
+                     device="cpu")
+    assert group_enabled(pipe.text_encoder) and group_enabled(pipe.unet)
+    assert_same_images(run(pipe), reference)
+
+
+def test_streams_on_cpu_are_refused_before_anything_is_installed():
+    pipe = tiny_pipeline("sd")
+    policy = {"version": 1, "components": {"unet": {"strategy": "group", "use_stream": True}}}
+    with pytest.raises(PolicyError, match="components.unet: 'unet': `use_stream: true` needs an accelerator"):
+        offloadkit.apply(pipe, policy, device="cpu")
+    assert not group_enabled(pipe.unet)
+
+
+def test_record_stream_without_stream_is_a_validation_error():
+    with pytest.raises(PolicyError, match="`record_stream: true` needs `use_stream: true`"):
+        offloadkit.load({"version": 1, "components": {"unet": {"strategy": "group", "record_stream": True}}})
+
+
+def test_group_rule_options_are_validated():
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load({"version": 1, "components": {"unet": {"strategy": "group", "num_blocks_per_group": 0,
+                                                               "offload_typ": "leaf_level"}}})
+    message = str(info.value)
+    assert "components.unet.num_blocks_per_group" in message
+    assert "unknown key 'offload_typ'. Did you mean 'offload_type'?" in message
