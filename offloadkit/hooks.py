@@ -25,10 +25,11 @@ HOST = "cpu"
 class ComponentState:
     """Where one managed component is, and its size for the trace."""
 
-    def __init__(self, name: str, nbytes: int, trace):
+    def __init__(self, name: str, nbytes: int, trace, keep: bool = False):
         self.name = name
         self.nbytes = nbytes
         self.trace = trace
+        self.keep = keep  # once onloaded, only remove() offloads it
         self.resident = False
 
     def on_device(self, module) -> bool:
@@ -58,7 +59,7 @@ class ChainOffloadHook(CpuOffload):
 
     def pre_forward(self, module, *args, **kwargs):
         previous = self.prev_module_hook
-        if previous is not None and previous.hook.state.on_device(previous.model):
+        if previous is not None and not previous.hook.state.keep and previous.hook.state.on_device(previous.model):
             previous.offload()
             empty_cache(self.execution_device)
         state = self.state
@@ -74,9 +75,10 @@ class ChainOffloadHook(CpuOffload):
         return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
 
 
-def attach_chain_hook(ctx, name, module, previous):
+def attach_chain_hook(ctx, name, module, previous, keep: bool = False):
     """Install a chain hook on `module`, offloaded by the next one; returns the handle the next one needs."""
     state = ctx.state_for(name, module)
+    state.keep = keep
     hook = ChainOffloadHook(ctx.device, previous, state)
     add_hook_to_module(module, hook, append=False)
     ctx.hooked[name] = hook

@@ -272,7 +272,7 @@ class OffloadHandle:
         offloaded = False
         for name, state in self._states.items():
             module = components[name]
-            if state.on_device(module):
+            if not state.keep and state.on_device(module):
                 self._hooks[name].init_hook(module)
                 offloaded = True
         if offloaded:

@@ -141,6 +141,9 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
             else:
                 offloaded_by = sequence[index + 1] if index + 1 < len(sequence) else END_OF_CALL
             home, runs_on = HOST, device
+            if options[name].get("keep_on_device"):
+                offloaded_by = "never (kept after first use)"
+                reason = reason.replace("; not in sequence: own hook, offloaded at end of call", "")
         else:
             index, offloaded_by = None, strategy.offloaded_by
             home = device if strategy.home == "device" else strategy.home

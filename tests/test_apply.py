@@ -147,12 +147,12 @@ def test_plan_does_not_touch_the_pipeline():
     assert "offload chain: text_encoder -> vae" in text and "controlnet" in text
 
 
-@pytest.mark.parametrize("name, policy", [("sdxl", "vae-resident"), ("controlnet", "diffusers-default")])
+@pytest.mark.parametrize("name, policy", [("sdxl", "vae-resident"), ("controlnet", "diffusers-default")])  # = regenerate.CASES
 def test_plan_to_dict_matches_golden(name, policy):
     """Checked-in plans: a change of diffusers or offloadkit that changes placement shows up as a diff."""
     plan = offloadkit.plan(tiny_pipeline(name), policy, device="cpu")
     golden = json.loads((GOLDEN / f"{name}-{policy}.json").read_text())
-    assert plan.to_dict() == golden
+    assert plan.to_dict() == golden, "plan changed: if intended, run tests/golden/regenerate.py and review the diff"
 
 
 def test_controlnet_outside_sequence_has_its_own_hook():
@@ -414,3 +414,22 @@ def test_save_pretrained_under_model_policy_saves_real_weights(tmp_path):
     loaded = StableDiffusionPipeline.from_pretrained(tmp_path / "saved")
     loaded.set_progress_bar_config(disable=True)
     assert_same_images(run(loaded), reference)
+
+
+def test_keep_on_device_stays_across_calls():
+    """A server's denoiser: onloaded once, then neither the chain nor the end of a call sends it back."""
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    policy = {"version": 1, "components": {"unet": {"strategy": "model", "keep_on_device": True}}}
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    assert handle.plan.component("unet").offloaded_by == "never (kept after first use)"
+    assert handle.plan.component("text_encoder").offloaded_by == "unet"
+    for _ in range(3):
+        assert_same_images(run(pipe), reference)
+    unet_moves = [(e.call, e.action) for e in handle.trace if e.component == "unet"]
+    assert unet_moves == [(1, "onload")]
+    assert handle.trace.bytes_moved(3) < handle.trace.bytes_moved(1)
+    assert {e.component for e in handle.trace.for_call(3)} == {"text_encoder", "vae"}
+    handle.remove()
+    assert hooked_submodules(pipe) == []
+    assert_same_images(run(pipe), reference)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from typing import Literal
 
+from pydantic import Field
+
 from .base import Strategy, StrategyRule, register
 
 
@@ -17,12 +19,18 @@ class ModelRule(StrategyRule):
     """Offload the whole component to host RAM between uses (diffusers' model offload)."""
 
     strategy: Literal["model"]
+    keep_on_device: bool = Field(
+        False,
+        description="Once onloaded, stay on the device across calls: neither the next model in the chain nor "
+        "the end of a call offloads it (until the policy is removed). For servers calling the same pipeline "
+        "again and again.",
+    )
 
 
 def install(ctx, name, module, rule, previous):
     from ..hooks import attach_chain_hook
 
-    return attach_chain_hook(ctx, name, module, previous)
+    return attach_chain_hook(ctx, name, module, previous, keep=rule.keep_on_device)
 
 
 def uninstall(handle, name, module):
