@@ -135,6 +135,14 @@ class _InstallContext:
     def remember_weights(self, name, weights):
         self.handle._weights[name] = weights
 
+    def disk_folder(self, requested: str | None):
+        """The policy's folder for disk-tier files, or one temporary folder per handle (deleted with it)."""
+        from pathlib import Path
+
+        if requested is not None:
+            return Path(requested).expanduser()
+        return self.handle._temporary_folder()
+
     def place(self, name, module):
         import time
 
@@ -160,8 +168,22 @@ class OffloadHandle:
         self._saved_devices: dict = {}
         self._weights: dict = {}  # original tensors kept by strategies that leave meta tensors behind
         self._diffusers_offload_device = None  # set when apply replaced enable_model_cpu_offload
+        self._tmp = None  # temporary folder of disk-tier files
+        self._tmp_cleanup = None
         self._base_class = None
         self._active = False
+
+    def _temporary_folder(self):
+        import shutil
+        import tempfile
+        import weakref
+        from pathlib import Path
+
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="offloadkit-disk-"))
+            # deleted on remove(), or when the handle is garbage collected / the process exits
+            self._tmp_cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+        return self._tmp
 
     # --- install / remove ---------------------------------------------------------------------
 
@@ -242,6 +264,8 @@ class OffloadHandle:
             # whatever failed above, the pipeline is not left looking as if the policy were applied
             pipe.__class__ = self._base_class
             pipe.__dict__.pop(HANDLE_ATTR, None)
+            if self._tmp_cleanup is not None:
+                self._tmp_cleanup()
             empty_cache(self.device)
         if self._diffusers_offload_device is not None:
             pipe.enable_model_cpu_offload(device=self._diffusers_offload_device)

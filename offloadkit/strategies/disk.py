@@ -1,0 +1,87 @@
+"""`disk`: leaf-level offload whose idle weights live in a safetensors file, not in host RAM.
+
+Like `sequential` (each layer's weights go to the device for its forward only),
+but the host copy is a memory-mapped file per component, for machines with
+little RAM. Files are namespaced per component and weights fingerprint and
+deleted on `remove()` (see `disk_store`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from .base import Strategy, StrategyRule, register
+from .sequential import _execution_device
+
+
+class DiskRule(StrategyRule):
+    """Stream each layer's weights from a memory-mapped safetensors file to the device."""
+
+    strategy: Literal["disk"]
+    folder: str | None = Field(
+        None,
+        description="Where the files go (a subfolder per component and weights fingerprint is made in it). "
+        "Default: a new temporary folder. Files are deleted on remove().",
+    )
+    offload_buffers: Literal["auto"] | bool = Field(
+        "auto", description="Offload buffers too. `auto`: when the model has parameters of its own.")
+
+
+def install(ctx, name, module, rule, previous):
+    from accelerate import cpu_offload
+
+    from ..disk_store import store
+
+    offload_buffers = rule.offload_buffers
+    if offload_buffers == "auto":
+        offload_buffers = len(module._parameters) > 0
+    module.to("cpu")
+    weights = store(name, dict(module.state_dict(keep_vars=False)), ctx.disk_folder(rule.folder))
+    ctx.remember_weights(name, weights)
+    # The in-RAM tensors are dropped: parameters become meta tensors backed by the file.
+    cpu_offload(module, _execution_device(ctx.device), offload_buffers=offload_buffers, state_dict=weights)
+    ctx.hooked[name] = module._hf_hook
+    return None
+
+
+def uninstall(handle, name, module):
+    from accelerate.hooks import remove_hook_from_module
+
+    from ..disk_store import discard
+
+    # Accelerate's detach reads every tensor back from the file into RAM.
+    remove_hook_from_module(module, recurse=True)
+    weights = handle._weights.pop(name, None)
+    if weights is None:
+        return
+    _retie(module, weights.aliases)
+    discard(weights)
+
+
+def _retie(module, aliases: dict) -> None:
+    """Tied weights were stored once; make the tied names share one tensor object again."""
+    for alias, key in aliases.items():
+        owner_path, _, attr = alias.rpartition(".")
+        source_path, _, source_attr = key.rpartition(".")
+        owner = module.get_submodule(owner_path) if owner_path else module
+        source = module.get_submodule(source_path) if source_path else module
+        tensor = getattr(source, source_attr)
+        if attr in owner._parameters:
+            owner._parameters[attr] = tensor
+        else:
+            owner._buffers[attr] = tensor
+
+
+STRATEGY = register(Strategy(
+    name="disk",
+    rule=DiskRule,
+    summary="each layer's weights streamed from a memory-mapped safetensors file",
+    chained=False,
+    placed=False,
+    install=install,
+    uninstall=uninstall,
+    home="meta (disk)",
+    offloaded_by="after each layer",
+))

@@ -1,0 +1,82 @@
+"""The `disk` strategy: idle weights in per-component safetensors files, meta tensors in the model."""
+
+import os
+
+import torch
+
+import offloadkit
+from offloadkit.disk_store import fingerprint
+from offloadkit.testing import tiny_pipeline, tiny_sd3_pipeline
+
+from helpers import assert_same_images, hooked_submodules, model_components, run
+
+
+def test_weights_live_on_disk_between_calls_and_files_go_on_remove():
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"*": {"strategy": "disk"}}}, device="cpu")
+    folder = handle._tmp
+    assert sorted(p.split("-")[0] for p in os.listdir(folder)) == ["text_encoder", "unet", "vae"]
+    for _ in range(2):
+        assert_same_images(run(pipe), reference)
+        for module in model_components(pipe).values():
+            assert all(p.device.type == "meta" for p in module.parameters())
+    handle.remove()
+    assert not folder.exists()
+    assert hooked_submodules(pipe) == []
+    assert all(p.device.type == "cpu" for m in model_components(pipe).values() for p in m.parameters())
+    assert_same_images(run(pipe), reference)
+
+
+def test_same_class_components_in_one_folder_keep_their_own_weights(tmp_path):
+    """SD3's two CLIP encoders have the same class and shapes; diffusers' disk group offload mixes such files up."""
+    pipe = tiny_sd3_pipeline()
+    assert type(pipe.text_encoder) is type(pipe.text_encoder_2)
+    reference = run(pipe)
+    policy = {"version": 1, "components": {
+        "text_encoder": {"strategy": "disk", "folder": str(tmp_path)},
+        "text_encoder_2": {"strategy": "disk", "folder": str(tmp_path)}}}
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    names = sorted(os.listdir(tmp_path))
+    assert len(names) == 2 and names[0].startswith("text_encoder-") and names[1].startswith("text_encoder_2-")
+    assert_same_images(run(pipe), reference)
+    handle.remove()
+    assert os.listdir(tmp_path) == []
+
+
+def test_files_of_other_weights_are_never_read(tmp_path):
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    # a file left by a run with other weights (another seed) under the same component name
+    other = tiny_pipeline("sd", seed=1)
+    stale = offloadkit.apply(other, {"version": 1, "components": {"unet": {"strategy": "disk", "folder": str(tmp_path)}}},
+                             device="cpu")
+    stale_folder = next(iter(os.listdir(tmp_path)))
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"unet": {"strategy": "disk", "folder": str(tmp_path)}}},
+                              device="cpu")
+    assert len(os.listdir(tmp_path)) == 2 and stale_folder in os.listdir(tmp_path)
+    assert_same_images(run(pipe), reference)
+    handle.remove()
+    stale.remove()
+
+
+def test_fingerprint_changes_with_any_byte():
+    weights = {"a": torch.zeros(4), "b": torch.ones(2, 2)}
+    changed = {"a": torch.zeros(4), "b": torch.ones(2, 2)}
+    changed["b"][1, 1] = 1.0000001
+    assert fingerprint(weights) == fingerprint({k: v.clone() for k, v in weights.items()})
+    assert fingerprint(weights) != fingerprint(changed)
+    assert fingerprint(weights) != fingerprint({"a": torch.zeros(4), "c": torch.ones(2, 2)})
+
+
+def test_tied_weights_are_stored_once_and_tied_again():
+    pipe = tiny_sd3_pipeline(with_t5=True)
+    t5 = pipe.text_encoder_3
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"text_encoder_3": {"strategy": "disk"}}},
+                              device="cpu")
+    assert handle._weights["text_encoder_3"].aliases == {"encoder.embed_tokens.weight": "shared.weight"}
+    assert_same_images(run(pipe), reference)
+    handle.remove()
+    assert t5.shared.weight is t5.encoder.embed_tokens.weight
+    assert_same_images(run(pipe), reference)
