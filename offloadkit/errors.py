@@ -57,6 +57,14 @@ class PipelineError(OffloadkitError, ValueError):
     """The pipeline cannot take a policy as it is (device map, group offloading, foreign hooks, ...)."""
 
 
+class BudgetExceededError(OffloadkitError, RuntimeError):
+    """More bytes are resident on the device than the policy's `budget` allows (`on_exceed: error`)."""
+
+
+class BudgetWarning(UserWarning):
+    """More bytes are resident on the device than the policy's `budget` allows (`on_exceed: warn`)."""
+
+
 class DeviceError(OffloadkitError, RuntimeError):
     """The requested device does not exist or no accelerator was found for `device: auto`."""
 

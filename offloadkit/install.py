@@ -149,9 +149,11 @@ class _InstallContext:
         current = module_device(module)
         start = time.perf_counter()
         module.to(self.device)
+        nbytes = self.handle.plan.component(name).bytes or module_bytes(module)
         if current is not None and current.type != self.device.type:
-            self.handle.trace.record(name, "onload", current, self.device, module_bytes(module),
-                                     time.perf_counter() - start)
+            self.handle.trace.record(name, "onload", current, self.device, nbytes, time.perf_counter() - start)
+        else:
+            self.handle.trace.place(name, nbytes)
 
 
 class OffloadHandle:
@@ -163,6 +165,9 @@ class OffloadHandle:
         self.policy = policy
         self.device = device
         self.trace = Trace()
+        if policy.budget is not None:
+            self.trace.budget_bytes = policy.budget.device_memory
+            self.trace.on_exceed = policy.budget.on_exceed
         self._hooks: dict = {}  # component -> its top-level hook, for every strategy that installs one
         self._states: dict = {}  # component -> residency state, for chained components
         self._saved_devices: dict = {}
@@ -288,7 +293,11 @@ class OffloadHandle:
     # --- per call -----------------------------------------------------------------------------
 
     def _begin_call(self) -> None:
-        self.trace.calls += 1
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.trace.begin_call()
 
     def end_call(self) -> None:
         """The policy's end of call: everything the chain onloaded goes back to host RAM."""
@@ -301,6 +310,12 @@ class OffloadHandle:
                 offloaded = True
         if offloaded:
             empty_cache(self.device)
+        device_peak = None
+        if self.device.type == "cuda":
+            import torch
+
+            device_peak = torch.cuda.max_memory_allocated(self.device)
+        self.trace.end_call(device_peak)
 
     def _hooks_intact(self) -> bool:
         components = self.pipe.components

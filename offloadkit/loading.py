@@ -16,7 +16,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from .errors import PolicyError, Problem, did_you_mean
-from .schema import Policy, QuantizationRules
+from .schema import Budget, Policy, QuantizationRules
 from .strategies import STRATEGIES
 from .yaml_source import YamlDocument, parse_yaml
 
@@ -186,7 +186,7 @@ def _short(key: str) -> str:
 
 
 def _merge(parent: dict, parent_pos: dict, child: dict, child_pos: dict):
-    """Child keys override parent keys; `components` merge per component, `quantization` per key.
+    """Child keys override parent keys; `components` merge per component, `quantization`/`budget` per key.
 
     `name`, `description` and `extends` belong to one file and are not inherited.
     """
@@ -194,7 +194,8 @@ def _merge(parent: dict, parent_pos: dict, child: dict, child_pos: dict):
     positions = {k: v for k, v in parent_pos.items() if k[0][:1] not in (("name",), ("description",), ("extends",))}
     positions.pop(((), False), None)
     for key, value in child.items():
-        if key in ("components", "quantization") and isinstance(value, dict) and isinstance(merged.get(key), dict):
+        if key in ("components", "quantization", "budget") and isinstance(value, dict) \
+                and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
             for sub in value:
                 _drop_subtree(positions, (key, sub))
@@ -240,6 +241,8 @@ def _allowed_keys(path: tuple, data) -> list[str]:
         return list(Policy.model_fields)
     if path == ("quantization",):
         return list(QuantizationRules.model_fields)
+    if path == ("budget",):
+        return list(Budget.model_fields)
     if len(path) == 2 and path[0] == "components":
         rule = data.get("components", {}).get(path[1], {})
         strategy = STRATEGIES.get(rule.get("strategy")) if isinstance(rule, dict) else None

@@ -7,9 +7,10 @@ lightweight CI jobs.
 from __future__ import annotations
 
 import json
+import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator
 
 from .strategies import STRATEGIES
 
@@ -45,6 +46,41 @@ class QuantizationRules(BaseModel):
         "auto",
         description="Components quantized by any other backend (torchao, quanto, GGUF, ...).",
     )
+
+
+_UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+BYTES_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
+
+
+def parse_bytes(value) -> int:
+    """`8GiB`, `7.5 GB`, `512MiB` or a plain integer number of bytes."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected a size such as '8GiB', not {value!r}")
+    if isinstance(value, int):
+        if value <= 0:
+            raise ValueError(f"a size must be positive, not {value!r}")
+        return value
+    match = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", str(value))
+    unit = match.group(2).lower() if match else None
+    if not match or unit not in _UNITS:
+        raise ValueError(f"cannot read {value!r} as a size. Write e.g. '8GiB', '7.5GB' or '512MiB'")
+    size = int(float(match.group(1)) * _UNITS[unit])
+    if size <= 0:
+        raise ValueError(f"a size must be positive, not {value!r}")
+    return size
+
+
+class Budget(BaseModel):
+    """A cap on the bytes of weights resident on the device, checked at every onload."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    device_memory: Annotated[int, BeforeValidator(parse_bytes), WithJsonSchema(
+        {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": BYTES_PATTERN}]})] = Field(
+        description="Largest total of component weights on the device, e.g. `8GiB` (parameter and buffer "
+        "bytes; activations are not counted).")
+    on_exceed: Literal["warn", "error"] = Field("warn", description="Warn, or raise BudgetExceededError.")
 
 
 class Policy(BaseModel):
@@ -94,6 +130,7 @@ class Policy(BaseModel):
         default_factory=QuantizationRules,
         description="What to do with quantized components.",
     )
+    budget: Budget | None = Field(None, description="Cap on resident weight bytes, checked at run time.")
 
     @field_validator("version", mode="before")
     @classmethod

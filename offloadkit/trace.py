@@ -1,12 +1,34 @@
-"""What moved, when: onload/offload events recorded by the hooks."""
+"""What moved, when: onload/offload events recorded by the hooks, per-call totals, and the budget check.
+
+Resident bytes are counted from parameter and buffer sizes of the components
+offloadkit places (exact on any machine); on CUDA each call also records
+`torch.cuda.max_memory_allocated`, which includes activations.
+"""
 
 from __future__ import annotations
 
 import json
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 
+from .errors import BudgetExceededError, BudgetWarning
 from .plans import format_bytes
+
+STAGES = ("encode", "denoise", "decode")
+
+# Which stage a component's work belongs to, by the names diffusers pipelines use.
+_STAGE_BY_NAME = (
+    ("encode", ("text_encoder", "image_encoder", "tokenizer", "feature_extractor")),
+    ("decode", ("vae", "movq", "vocoder", "decoder")),
+)
+
+
+def stage_of(component: str) -> str:
+    for stage, markers in _STAGE_BY_NAME:
+        if any(marker in component for marker in markers):
+            return stage
+    return "denoise"
 
 
 @dataclass(frozen=True)
@@ -21,6 +43,20 @@ class TraceEvent:
     bytes: int
     seconds: float
     at: float  # seconds since apply
+    resident_bytes: int  # on the device after this move, counted from parameter sizes
+    stage: str
+
+
+@dataclass(frozen=True)
+class CallSummary:
+    """Totals of one pipeline call."""
+
+    call: int
+    bytes_moved: int
+    seconds_moving: float
+    peak_resident_bytes: int
+    stage_peak_bytes: dict
+    device_peak_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, else None
 
 
 @dataclass
@@ -32,15 +68,77 @@ class Trace:
         handle = offloadkit.apply(pipe, "diffusers-default")
         pipe("a lighthouse")
         [(e.component, e.action) for e in handle.trace]
+        handle.trace.calls_summary()[-1].peak_resident_bytes
     """
 
     events: list = field(default_factory=list)
     calls: int = 0
     started: float = field(default_factory=time.perf_counter)
+    resident: dict = field(default_factory=dict)  # component -> bytes on the device now
+    budget_bytes: int | None = None
+    on_exceed: str = "warn"
+    summaries: list = field(default_factory=list)
+    _call_peak: int = 0
+    _stage_peaks: dict = field(default_factory=dict)
+
+    def place(self, component: str, nbytes: int) -> None:
+        """A component put on the device without a traced move (resident strategy on the same device)."""
+        self.resident[component] = nbytes
+        self._check_budget(component)
 
     def record(self, component: str, action: str, source, target, nbytes: int, seconds: float) -> None:
+        if action == "onload":
+            self.resident[component] = nbytes
+        else:
+            self.resident.pop(component, None)
+        total = self.resident_bytes
+        stage = stage_of(component)
         self.events.append(TraceEvent(self.calls, component, action, str(source), str(target), nbytes, seconds,
-                                      time.perf_counter() - self.started))
+                                      time.perf_counter() - self.started, total, stage))
+        if action == "onload":
+            self._call_peak = max(self._call_peak, total)
+            self._stage_peaks[stage] = max(self._stage_peaks.get(stage, 0), total)
+            self._check_budget(component)
+
+    @property
+    def resident_bytes(self) -> int:
+        return sum(self.resident.values())
+
+    def _check_budget(self, component: str) -> None:
+        total = self.resident_bytes
+        if self.budget_bytes is None or total <= self.budget_bytes:
+            return
+        listed = ", ".join(f"{name} {format_bytes(size)}" for name, size in sorted(self.resident.items()))
+        message = (f"{format_bytes(total)} resident on the device after {component!r} was onloaded, over the "
+                   f"policy's budget of {format_bytes(self.budget_bytes)} ({listed}). Offload more components "
+                   "or raise `budget.device_memory`")
+        if self.on_exceed == "error":
+            raise BudgetExceededError(message)
+        warnings.warn(message, BudgetWarning, stacklevel=3)
+
+    # --- per call ---------------------------------------------------------------------------------
+
+    def begin_call(self) -> None:
+        self.calls += 1
+        baseline = self.resident_bytes
+        self._call_peak = baseline
+        self._stage_peaks = {}
+
+    def end_call(self, device_peak_bytes: int | None = None) -> None:
+        events = self.for_call(self.calls)
+        self.summaries.append(CallSummary(
+            call=self.calls,
+            bytes_moved=sum(e.bytes for e in events),
+            seconds_moving=sum(e.seconds for e in events),
+            peak_resident_bytes=self._call_peak,
+            stage_peak_bytes=dict(self._stage_peaks),
+            device_peak_bytes=device_peak_bytes,
+        ))
+
+    def calls_summary(self) -> list[CallSummary]:
+        return list(self.summaries)
+
+    # --- reading ----------------------------------------------------------------------------------
 
     def __iter__(self):
         return iter(self.events)
@@ -57,14 +155,27 @@ class Trace:
 
     def clear(self) -> None:
         self.events.clear()
+        self.summaries.clear()
 
     def to_json(self) -> str:
-        return json.dumps({"calls": self.calls, "events": [asdict(e) for e in self.events]}, indent=2)
+        return json.dumps({"calls": self.calls, "events": [asdict(e) for e in self.events],
+                           "per_call": [asdict(s) for s in self.summaries]}, indent=2)
 
     def summary(self) -> str:
-        lines = [f"{'call':>4}  {'component':<16} {'action':<8} {'from':<8} {'to':<8} {'size':>10} {'ms':>8}"]
+        lines = [f"{'call':>4}  {'component':<16} {'action':<8} {'from':<8} {'to':<8} {'size':>10} {'ms':>8} "
+                 f"{'resident':>10}"]
         for e in self.events:
             lines.append(f"{e.call:>4}  {e.component:<16} {e.action:<8} {e.source:<8} {e.target:<8} "
-                         f"{format_bytes(e.bytes):>10} {e.seconds * 1e3:>8.2f}")
+                         f"{format_bytes(e.bytes):>10} {e.seconds * 1e3:>8.2f} {format_bytes(e.resident_bytes):>10}")
         lines.append(f"{len(self.events)} moves, {format_bytes(self.bytes_moved())} in {self.calls} call(s)")
+        if self.summaries:
+            lines.append("")
+            lines.append(f"{'call':>4}  {'moved':>10} {'ms moving':>10} {'peak':>10} "
+                         + " ".join(f"{s:>10}" for s in STAGES) + f" {'cuda peak':>10}")
+            for s in self.summaries:
+                stages = " ".join(f"{format_bytes(s.stage_peak_bytes[k]) if k in s.stage_peak_bytes else '-':>10}"
+                                  for k in STAGES)
+                device = format_bytes(s.device_peak_bytes) if s.device_peak_bytes is not None else "-"
+                lines.append(f"{s.call:>4}  {format_bytes(s.bytes_moved):>10} {s.seconds_moving * 1e3:>10.2f} "
+                             f"{format_bytes(s.peak_resident_bytes):>10} {stages} {device:>10}")
         return "\n".join(lines)

@@ -1,0 +1,79 @@
+"""Per-call totals, per-stage peaks from parameter sizes, and the budget check."""
+
+import json
+import warnings
+
+import pytest
+
+import offloadkit
+from offloadkit.errors import BudgetExceededError, BudgetWarning, PolicyError
+from offloadkit.schema import parse_bytes
+from offloadkit.testing import tiny_pipeline
+
+from helpers import run
+
+
+def sizes(handle):
+    return {c.name: c.bytes for c in handle.plan.components}
+
+
+def test_per_call_totals_and_stage_peaks_are_exact():
+    pipe = tiny_pipeline("sdxl")
+    handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
+    size = sizes(handle)
+    run(pipe)
+    (summary,) = handle.trace.calls_summary()
+    moved = size["text_encoder"] + size["text_encoder_2"] + size["unet"]
+    assert summary.bytes_moved == 2 * moved  # each chained model on and off once
+    # the VAE is resident all along; at most one chained model is on the device with it
+    assert summary.stage_peak_bytes == {
+        "encode": size["vae"] + max(size["text_encoder"], size["text_encoder_2"]),
+        "denoise": size["vae"] + size["unet"],
+    }
+    assert summary.peak_resident_bytes == size["vae"] + size["unet"]
+    assert summary.device_peak_bytes is None  # CPU: no allocator statistics
+    assert handle.trace.resident == {"vae": size["vae"]}  # after the call only the resident VAE
+    data = json.loads(handle.trace.to_json())
+    assert data["per_call"][0]["peak_resident_bytes"] == summary.peak_resident_bytes
+    assert "denoise" in handle.trace.summary()
+
+
+def test_decode_stage_is_counted_when_the_vae_moves():
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    run(pipe)
+    size = sizes(handle)
+    peaks = handle.trace.calls_summary()[0].stage_peak_bytes
+    assert peaks == {"encode": size["text_encoder"], "denoise": size["unet"], "decode": size["vae"]}
+
+
+def test_budget_warns_or_raises_when_resident_weights_exceed_it():
+    pipe = tiny_pipeline("sd")
+    unet_bytes = offloadkit.plan(pipe, "diffusers-default", device="cpu").component("unet").bytes
+    tight = {"version": 1, "extends": "diffusers-default", "budget": {"device_memory": unet_bytes - 1}}
+    handle = offloadkit.apply(pipe, tight, device="cpu")
+    with pytest.warns(BudgetWarning, match="over the policy's budget.*unet"):
+        run(pipe)
+    offloadkit.apply(pipe, {**tight, "budget": {"device_memory": unet_bytes - 1, "on_exceed": "error"}},
+                     device="cpu")
+    with pytest.raises(BudgetExceededError, match="'unet' was onloaded"):
+        run(pipe)
+    # the failed call still ran the policy's end of call: nothing is left on the device
+    assert pipe._offloadkit_handle.trace.resident == {}
+    offloadkit.apply(pipe, {**tight, "budget": {"device_memory": "1GiB"}}, device="cpu")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        run(pipe)
+    assert handle is not pipe._offloadkit_handle
+
+
+@pytest.mark.parametrize("text, expected", [("8GiB", 8 * 2**30), ("7.5 GB", 7_500_000_000), ("512MiB", 2**29),
+                                            (1024, 1024), ("100", 100)])
+def test_sizes_parse(text, expected):
+    assert parse_bytes(text) == expected
+
+
+@pytest.mark.parametrize("bad", ["8 gigs", "-1GiB", 0, True, "GiB"])
+def test_bad_sizes_are_policy_errors(bad):
+    with pytest.raises(PolicyError, match="budget.device_memory"):
+        offloadkit.load({"version": 1, "budget": {"device_memory": bad}})
