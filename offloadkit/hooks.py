@@ -31,6 +31,7 @@ class ComponentState:
         self.trace = trace
         self.keep = keep  # once onloaded, only remove() offloads it
         self.resident = False
+        self.host_copy = None  # a transfers.HostCopy for copy-free / pinned moves
 
     def on_device(self, module) -> bool:
         """Resident by our own account, or moved off the host by someone else (then offload it too)."""
@@ -49,9 +50,12 @@ class ChainOffloadHook(CpuOffload):
         """Offload to host RAM (also what `UserCpuOffloadHook.offload()` calls)."""
         state = self.state
         if not state.on_device(module):
-            return module.to(HOST)
+            return module if state.host_copy is not None else module.to(HOST)
         start = time.perf_counter()
-        module = module.to(HOST)
+        if state.host_copy is not None:
+            state.host_copy.offload()
+        else:
+            module = module.to(HOST)
         state.resident = False
         state.trace.record(state.name, "offload", self.execution_device, HOST, state.nbytes,
                            time.perf_counter() - start)
@@ -68,17 +72,26 @@ class ChainOffloadHook(CpuOffload):
             if current is None or same_device(current, self.execution_device):
                 return args, kwargs
         start = time.perf_counter()
-        module.to(self.execution_device)
+        if state.host_copy is not None:
+            state.host_copy.onload(self.execution_device)
+        else:
+            module.to(self.execution_device)
         state.resident = True
         state.trace.record(state.name, "onload", HOST, self.execution_device, state.nbytes,
                            time.perf_counter() - start)
         return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
 
 
-def attach_chain_hook(ctx, name, module, previous, keep: bool = False):
+def attach_chain_hook(ctx, name, module, previous, keep: bool = False, transfer: str = "standard"):
     """Install a chain hook on `module`, offloaded by the next one; returns the handle the next one needs."""
+    from .transfers import HostCopy
+
     state = ctx.state_for(name, module)
     state.keep = keep
+    if transfer != "standard":
+        if state.on_device(module):
+            module.to(HOST)
+        state.host_copy = HostCopy(module, pinned=transfer == "pinned")
     hook = ChainOffloadHook(ctx.device, previous, state)
     add_hook_to_module(module, hook, append=False)
     ctx.hooked[name] = hook

@@ -433,3 +433,34 @@ def test_keep_on_device_stays_across_calls():
     handle.remove()
     assert hooked_submodules(pipe) == []
     assert_same_images(run(pipe), reference)
+
+
+def test_copy_free_offload_drops_device_copies_instead_of_copying_back():
+    pipe = tiny_pipeline("sdxl")
+    reference = run(pipe)
+    storages = {n: [p.untyped_storage().data_ptr() for p in m.parameters()] for n, m in model_components(pipe).items()}
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"*": {"strategy": "model", "transfer": "copy-free"}}},
+                              device="cpu")
+    moves = []
+    for name, module in model_components(pipe).items():
+        original = module.to
+        module.to = lambda *a, _name=name, _original=original, **k: (moves.append(_name), _original(*a, **k))[1]
+    for _ in range(3):
+        assert_same_images(run(pipe), reference)
+    assert moves == []  # no module.to() either way: onload copies from the host copy, offload drops
+    assert len(handle.trace.for_call(3)) == 8
+    # after each call the parameters point at the very host tensors they started with
+    assert {n: [p.untyped_storage().data_ptr() for p in m.parameters()]
+            for n, m in model_components(pipe).items()} == storages
+    handle.remove()
+    assert hooked_submodules(pipe) == []
+    assert_same_images(run(pipe), reference)
+
+
+def test_pinned_transfer_needs_an_accelerator():
+    policy = {"version": 1, "components": {"unet": {"strategy": "model", "transfer": "pinned"}}}
+    with pytest.raises(PolicyError, match="`transfer: pinned` needs an accelerator"):
+        offloadkit.plan(tiny_pipeline("sd"), policy, device="cpu")
+    plan = offloadkit.plan(tiny_pipeline("sd"), {"version": 1, "components": {"unet": {
+        "strategy": "model", "transfer": "copy-free"}}}, device="cpu")
+    assert plan.component("unet").options["transfer"] == "copy-free"

@@ -63,3 +63,28 @@ def test_a_model_moved_by_hand_is_still_offloaded():
     pipe.text_encoder.to("cuda")  # outside the policy's knowledge
     run(pipe)
     assert next(pipe.text_encoder.parameters()).device.type == "cpu"
+
+
+@pytest.mark.parametrize("transfer", ["copy-free", "pinned"])
+def test_fast_transfers_on_cuda(transfer):
+    pipe = tiny_pipeline("sdxl")
+    reference = run(pipe.to("cuda"))
+    pipe.to("cpu")
+    handle = offloadkit.apply(pipe, {"version": 1, "device": "cuda", "components": {
+        "*": {"strategy": "model", "transfer": transfer}}})
+    for _ in range(3):
+        np.testing.assert_allclose(run(pipe), reference, atol=1e-5)
+    assert torch.cuda.memory_allocated() < 1024 * 1024  # nothing left on the device between calls
+    if transfer == "pinned":
+        assert next(pipe.unet.parameters()).is_pinned()
+    handle.remove()
+    assert not next(pipe.unet.parameters()).is_pinned()
+
+
+def test_group_with_streams_on_cuda():
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe.to("cuda"))
+    pipe.to("cpu")
+    offloadkit.apply(pipe, {"version": 1, "device": "cuda", "components": {"unet": {
+        "strategy": "group", "use_stream": True, "record_stream": True}}})
+    np.testing.assert_allclose(run(pipe), reference, atol=1e-5)
