@@ -150,7 +150,7 @@ class RssSampler(threading.Thread):
         self.phase_name = "start"
         self.peaks: dict = {}
         self.samples = 0
-        self._stop = threading.Event()
+        self._halt = threading.Event()
         self._lock = threading.Lock()
 
     def _record(self, status: dict) -> None:
@@ -174,13 +174,13 @@ class RssSampler(threading.Thread):
         self._record(now)
 
     def run(self) -> None:
-        while not self._stop.is_set():
+        while not self._halt.is_set():
             self._record(read_status())
             time.sleep(self.interval)
 
     def stop(self) -> None:
         self._record(read_status())
-        self._stop.set()
+        self._halt.set()
         self.join()
 
 

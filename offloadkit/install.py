@@ -390,6 +390,19 @@ def _offloaded_class(base):
                                 "Call offloadkit.remove(pipe) first, save, then apply the policy again")
         return base.save_pretrained(self, *args, **kwargs)
 
+    def _refuse_on_meta_weights(method_name):
+        def method(self, *args, **kwargs):
+            handle = self.__dict__[HANDLE_ATTR]
+            meta = [c.name for c in handle.plan.components if c.name in handle._weights]
+            if meta:
+                raise PipelineError(
+                    f"{method_name}() would change the weights of {', '.join(map(repr, meta))}, which live off the "
+                    f"model (as meta tensors) under the policy {handle.plan.policy!r}: the change would be lost "
+                    "silently. Call offloadkit.remove(pipe) first, then apply the policy again")
+            return getattr(base, method_name)(self, *args, **kwargs)
+        method.__name__ = method_name
+        return method
+
     namespace = {
         "__call__": __call__,
         "to": to,
@@ -403,6 +416,9 @@ def _offloaded_class(base):
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
     }
+    for name in ("fuse_lora", "unfuse_lora"):
+        if hasattr(base, name):
+            namespace[name] = _refuse_on_meta_weights(name)
     cls = type(base)(base.__name__, (base,), namespace)
     _CLASSES[base] = cls
     return cls

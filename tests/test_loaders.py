@@ -1,0 +1,67 @@
+"""diffusers' LoRA loaders on a pipeline under a policy: the policy stays, results match diffusers without offload."""
+
+import pytest
+import torch
+
+import offloadkit
+from offloadkit.errors import PipelineError
+from offloadkit.testing import tiny_pipeline
+
+from helpers import assert_same_images, run
+
+peft = pytest.importorskip("peft")
+
+
+@pytest.fixture(scope="module")
+def lora_folder(tmp_path_factory):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    source = tiny_pipeline("sd")
+    torch.manual_seed(3)
+    source.unet.add_adapter(LoraConfig(r=4, lora_alpha=4, target_modules=["to_q", "to_k", "to_v", "to_out.0"],
+                                       init_lora_weights=False))
+    folder = tmp_path_factory.mktemp("lora")
+    StableDiffusionPipeline.save_lora_weights(
+        folder, unet_lora_layers=convert_state_dict_to_diffusers(get_peft_model_state_dict(source.unet)))
+    return folder
+
+
+@pytest.fixture(scope="module")
+def expected(lora_folder):
+    plain = tiny_pipeline("sd")
+    plain.load_lora_weights(lora_folder)
+    return run(plain)
+
+
+@pytest.mark.parametrize("policy", ["diffusers-default", "vae-resident", "sequential"])
+def test_load_lora_keeps_the_policy(policy, lora_folder, expected):
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    hooks_before = set(handle._hooks)
+    pipe.load_lora_weights(lora_folder)
+    assert handle.active and handle._hooks_intact() and set(handle._hooks) == hooks_before
+    assert_same_images(run(pipe), expected)
+    assert_same_images(run(pipe), expected)
+
+
+def test_fuse_and_unload_lora_under_model_offload(lora_folder, expected):
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
+    pipe.load_lora_weights(lora_folder)
+    pipe.fuse_lora()
+    fused = run(pipe)
+    assert abs(fused - expected).max() < 1e-5
+    pipe.unload_lora_weights()  # fused weights stay fused, as in diffusers
+    assert abs(run(pipe) - expected).max() < 1e-5
+    assert handle._hooks_intact()
+
+
+def test_fuse_lora_on_meta_weights_is_refused(lora_folder):
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, "sequential", device="cpu")
+    pipe.load_lora_weights(lora_folder)
+    with pytest.raises(PipelineError, match="fuse_lora\\(\\) would change the weights of .*'unet'"):
+        pipe.fuse_lora()
