@@ -25,6 +25,7 @@ class ComponentSpec:
     is_model: bool
     present: bool = True
     quantization: str | None = None  # "bnb_8bit", "bnb_4bit", "other" or None
+    quant_backend: str | None = None  # "bitsandbytes", "quanto", "torchao", "gguf", ... or None
     bytes: int | None = None
     module: object = field(default=None, compare=False, repr=False)
 
@@ -75,6 +76,19 @@ def quantization_of(module) -> str | None:
     return None
 
 
+def quant_backend_of(module) -> str | None:
+    """The quantization backend's name, as diffusers/transformers record it on a loaded model."""
+    method = getattr(module, "quantization_method", None)
+    if method is None:
+        config = getattr(getattr(module, "hf_quantizer", None), "quantization_config", None)
+        method = getattr(config, "quant_method", None)
+    method = getattr(method, "value", method)
+    if method is None:
+        return None
+    method = str(method).lower()
+    return "quanto" if "quanto" in method else method
+
+
 def module_bytes(module) -> int:
     """Bytes of a module's parameters and buffers as stored (quantized storage counted as stored)."""
     seen = set()
@@ -109,6 +123,7 @@ def spec_from_pipeline(pipe) -> PipelineSpec:
             is_model=is_model,
             present=value is not None,
             quantization=quantization_of(value) if value is not None and is_model else None,
+            quant_backend=quant_backend_of(value) if value is not None and is_model else None,
             bytes=module_bytes(value) if value is not None and is_model else None,
             module=value if is_model else None,
         ))

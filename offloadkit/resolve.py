@@ -5,6 +5,7 @@ Errors about names (unknown, absent, not a model) point at the policy's lines.
 
 from __future__ import annotations
 
+from .compatibility import incompatibility
 from .errors import PolicyError, did_you_mean
 from .loading import located_problem
 from .pipeline_spec import PipelineSpec
@@ -95,6 +96,14 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
                     reason = f"{label}: {reason}"
         strategies[name], reasons[name] = rule.strategy, reason
         options[name] = rule.model_dump(exclude={"strategy"}, mode="json")
+        clash = incompatibility(rule.strategy, component.quantization, component.quant_backend)
+        if clash:
+            why, instead = clash
+            label = component.quant_backend or component.quantization
+            path = ("components", name) if name in policy.components else ("components", WILDCARD)
+            problems.append(located_problem(
+                policy, path, f"{name!r} is quantized ({label}) and cannot use strategy {rule.strategy!r}: {why}. "
+                f"Use {instead} for it (a rule under `components.{name}` overrides `*`)"))
         check = STRATEGIES[rule.strategy].check
         problem = check(rule, device.split(":")[0]) if check is not None and device != "auto" else None
         if problem:
