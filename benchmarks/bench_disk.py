@@ -525,6 +525,7 @@ def summarise(result: dict) -> dict:
         result["call_peak_split"] = (calls["RssAnon_at_peak"], calls["RssFile_at_peak"])
     if result.get("call_s"):
         result["median_s"] = statistics.median(result["call_s"])
+        result["min_s"] = min(result["call_s"])
     return result
 
 

@@ -13,7 +13,7 @@ from typing import Literal
 from pydantic import Field
 
 from .base import Strategy, StrategyRule, register
-from .sequential import _execution_device
+from .sequential import stream_layers
 
 
 class DiskRule(StrategyRule):
@@ -30,19 +30,13 @@ class DiskRule(StrategyRule):
 
 
 def install(ctx, name, module, rule, previous):
-    from accelerate import cpu_offload
-
     from ..disk_store import store
 
-    offload_buffers = rule.offload_buffers
-    if offload_buffers == "auto":
-        offload_buffers = len(module._parameters) > 0
     module.to("cpu")
-    weights = store(name, dict(module.state_dict(keep_vars=False)), ctx.disk_folder(rule.folder))
+    weights = store(name, dict(module.state_dict()), ctx.disk_folder(rule.folder))
     ctx.remember_weights(name, weights)
     # The in-RAM tensors are dropped: parameters become meta tensors backed by the file.
-    cpu_offload(module, _execution_device(ctx.device), offload_buffers=offload_buffers, state_dict=weights)
-    ctx.hooked[name] = module._hf_hook
+    stream_layers(ctx, name, module, rule.offload_buffers, weights)
     return None
 
 

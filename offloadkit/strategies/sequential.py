@@ -24,26 +24,25 @@ class SequentialRule(StrategyRule):
     )
 
 
-def _execution_device(device):
+def stream_layers(ctx, name, module, offload_buffers, weights) -> None:
+    """Accelerate's per-layer streaming from `weights` (a mapping of host tensors) to the device."""
     import torch
+    from accelerate import cpu_offload
 
+    if offload_buffers == "auto":  # diffusers' rule in enable_sequential_cpu_offload
+        offload_buffers = len(module._parameters) > 0
     # Accelerate's meta-device materialisation fails for `cpu:0` but works for `cpu`.
-    return torch.device("cpu") if device.type == "cpu" else device
+    device = torch.device("cpu") if ctx.device.type == "cpu" else ctx.device
+    cpu_offload(module, device, offload_buffers=offload_buffers, state_dict=weights)
+    ctx.hooked[name] = module._hf_hook
 
 
 def install(ctx, name, module, rule, previous):
-    from accelerate import cpu_offload
-
-    offload_buffers = rule.offload_buffers
-    if offload_buffers == "auto":
-        offload_buffers = len(module._parameters) > 0
     # On the host first (as diffusers does), so the host copies below are the model's own tensors:
     # no second copy, and remove() can put the very same objects back (ties included).
     module.to("cpu")
     ctx.remember_weights(name, _own_tensors(module))
-    weights = dict(module.state_dict())
-    cpu_offload(module, _execution_device(ctx.device), offload_buffers=offload_buffers, state_dict=weights)
-    ctx.hooked[name] = module._hf_hook
+    stream_layers(ctx, name, module, rule.offload_buffers, dict(module.state_dict()))
     return None
 
 
