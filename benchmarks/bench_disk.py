@@ -20,18 +20,27 @@ C. ``diffusers``   -- ``apply_group_offloading(unet, onload_device="cpu", offloa
 (``--with-plain`` adds ``plain``: the UNet kept in RAM, no offloading; a reference row
 only, not part of the targets.)
 
-For each method: the RSS of the process -- ``resource.getrusage(RUSAGE_SELF).ru_maxrss``
-(the lifetime high-water mark), the RSS right after setup, and the peaks of the
-phases, sampled from ``/proc/self/status`` (VmRSS, and its RssAnon / RssFile parts)
-by a background thread every ~5 ms -- and the time of one UNet forward (latents
+For each method: the RSS of the process and the time of one UNet forward (latents
 (1,4,64,64) for sd15, (1,4,32,32) for small; timestep 10; encoder_hidden_states
 (1,77,768|256)), median over ``--calls`` timed calls after one warm-up call.
 
-* "build"      -- RSS once the UNet is built in RAM (the random init needs real memory;
-                  every method starts from this same in-RAM model, as after from_pretrained).
-* "setup peak" -- max RSS sampled before the first call (build + the method's setup).
-* "after setup"-- RSS right after setup (after gc.collect()): what the offloaded model costs at rest.
-* "call peak"  -- max RSS sampled during the timed calls (the warm-up peak is reported apart).
+* "build"       -- RSS once the UNet is built in RAM. The random init needs real memory,
+                   so this is ~model size for every method: all three start from the same
+                   in-RAM model (as after from_pretrained); it is printed once.
+* "setup peak"  -- max RSS before the first call (build + the method's setup):
+                   ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` read just before it.
+* "after setup" -- VmRSS right after setup (after gc.collect()): the offloaded model at rest.
+* "warm-up peak", "call peak" -- the exact peak of the warm-up call and of the timed
+                   calls: the kernel's high-water mark (VmHWM) reset at the start of the
+                   phase by writing 5 to /proc/self/clear_refs. (That reset also lowers
+                   what ru_maxrss reports afterwards, hence ru_maxrss is read before it;
+                   "proc. peak" = max of setup, warm-up and call peaks = the lifetime peak.)
+                   Where clear_refs is refused, these fall back to the sampler below and
+                   proc. peak to ru_maxrss at the end.
+* A background thread also samples /proc/self/status every ~5 ms (VmRSS with its
+  RssAnon / RssFile parts) for the anonymous vs file-backed split of each phase's peak;
+  it can miss spikes that last a few ms (attention buffers), so the exact peaks above
+  are the ones compared.
 
 It also checks that the three methods compute the same thing: the output of the
 last call of each method is compared with every other (max abs diff and
@@ -43,7 +52,8 @@ and freed memory is not always given back to the OS (glibc keeps heap pages), so
 methods measured in one process would mix. Each method runs in its own fresh
 child process (``--child``) with the same seed, so the weights are bit-identical,
 and with the same imports (torch, diffusers, accelerate, transformers, offloadkit)
-so import overhead is the same for all. Each method gets a fresh folder under
+and the same tiny SD pipeline built (only offloadkit uses it, as the UNet's carrier),
+so that overhead is the same for all. Each method gets a fresh folder under
 ``--tmp`` (default /tmp/benchdisk), deleted after its child ends.
 
 Note on RSS: /proc RSS includes file-backed pages of memory-mapped files that the
@@ -134,6 +144,19 @@ def read_status() -> dict:
             if key in wanted:
                 found[key] = int(rest.split()[0]) * 1024
     return found
+
+
+def reset_hwm() -> bool:
+    """Reset this process's RSS high-water mark (VmHWM) to its current RSS; False where the kernel refuses.
+
+    Writing 5 to /proc/self/clear_refs (Linux >= 4.0). It also resets what getrusage's ru_maxrss reports.
+    """
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
 
 
 def ru_maxrss_bytes() -> int:
@@ -259,15 +282,17 @@ def make_inputs(size: str, seed: int):
     return sample, torch.tensor(TIMESTEP), context
 
 
-def setup_method(method: str, model, folder: str, seed: int):
-    """Offload `model` with `method`; returns (module to call, objects to keep alive)."""
+def setup_method(method: str, model, folder: str, pipe):
+    """Offload `model` with `method`; returns (module to call, objects to keep alive).
+
+    `pipe` is the tiny SD pipeline every child builds (so its few MiB are in every method's RSS);
+    only offloadkit uses it, as the carrier of the UNet.
+    """
     import torch
 
     if method == "offloadkit":
         import offloadkit
-        from offloadkit.testing import tiny_pipeline
 
-        pipe = tiny_pipeline("sd", seed=seed)
         pipe.register_modules(unet=model)
         assert pipe.unet is model and pipe.components["unet"] is model
         policy = {"version": 1, "components": {"unet": {"strategy": "disk", "folder": folder}}}
@@ -329,6 +354,9 @@ def child_main(args) -> int:
         if args.threads > 0:
             torch.set_num_threads(args.threads)
         result["threads"] = torch.get_num_threads()
+        # offloadkit applies policies to pipelines: its UNet rides in a tiny SD pipeline. Every child builds
+        # that pipeline (a few MiB), so it weighs the same in every method's RSS.
+        harness = offloadkit.testing.tiny_pipeline("sd", seed=args.seed)
         result["rss_after_imports"] = read_status()["VmRSS"]
 
         timer = HookTimer()
@@ -349,7 +377,7 @@ def child_main(args) -> int:
         folder = os.path.join(out_dir, "offload")
         sampler.phase("setup")
         start = time.perf_counter()
-        module, keep = setup_method(args.child, model, folder, args.seed)
+        module, keep = setup_method(args.child, model, folder, harness)
         del model
         gc.collect()
         result["setup_s"] = time.perf_counter() - start
@@ -366,15 +394,24 @@ def child_main(args) -> int:
             with torch.no_grad():
                 return module(sample, timestep, encoder_hidden_states=context).sample
 
+        # The exact peak before the first call: the lifetime high-water mark so far (nothing was reset yet).
+        result["ru_maxrss_before_calls"] = ru_maxrss_bytes()
+        result["hwm_before_calls"] = read_status().get("VmHWM")
+
         # --- warm-up ----------------------------------------------------------------------------------
         sampler.phase("warmup")
         gc.collect()
+        # From here the high-water mark is reset at the start of each phase, so VmHWM at its end is the
+        # exact peak of that phase (the sampler can miss millisecond spikes such as attention buffers).
+        exact = reset_hwm()
+        result["hwm_exact"] = exact
         flt0 = faults()
         start = time.perf_counter()
         first = call()
         result["warmup_s"] = time.perf_counter() - start
         flt1 = faults()
         result["warmup_faults"] = {"minor": flt1[0] - flt0[0], "major": flt1[1] - flt0[1]}
+        result["hwm_warmup"] = read_status().get("VmHWM") if exact else None
 
         # --- timed calls ------------------------------------------------------------------------------
         profiler = None
@@ -387,6 +424,9 @@ def child_main(args) -> int:
         times, minor, major = [], [], []
         out = first
         sampler.phase("calls")
+        gc.collect()
+        if exact:
+            reset_hwm()
         for _ in range(args.calls):
             gc.collect()
             f0 = faults()
@@ -401,13 +441,15 @@ def child_main(args) -> int:
             times.append(elapsed)
             minor.append(f1[0] - f0[0])
             major.append(f1[1] - f0[1])
+        result["hwm_calls"] = read_status().get("VmHWM") if exact else None
         sampler.phase("end")
         timer.enabled = False
         result["call_s"] = times
         result["call_faults_minor"] = minor
         result["call_faults_major"] = major
         result["calls_identical"] = bool(torch.equal(first, out))
-        result["hook_timing"] = {k: {"total_s_per_call": v[0] / max(1, args.calls), "count_per_call": v[1] // max(1, args.calls)}
+        per_call = max(1, args.calls)
+        result["hook_timing"] = {k: {"total_s_per_call": v[0] / per_call, "count_per_call": v[1] // per_call}
                                  for k, v in timer.totals.items()}
         torch.save(out.detach().clone(), os.path.join(out_dir, "output.pt"))
         if profiler is not None:
@@ -514,10 +556,19 @@ def summarise(result: dict) -> dict:
         values = [peaks[p][key] for p in phases if p in peaks]
         return max(values) if values else None
 
-    result["setup_peak"] = peak("build", "setup")
-    result["setup_only_peak"] = peak("setup")
-    result["warmup_peak"] = peak("warmup")
-    result["call_peak"] = peak("calls")
+    # "sampled": the 5 ms sampler; "exact": the kernel's high-water mark (ru_maxrss / VmHWM of the phase).
+    result["setup_peak_sampled"] = peak("build", "setup")
+    result["warmup_peak_sampled"] = peak("warmup")
+    result["call_peak_sampled"] = peak("calls")
+    exact = bool(result.get("hwm_exact"))
+    result["setup_peak"] = result.get("ru_maxrss_before_calls") or result["setup_peak_sampled"]
+    result["warmup_peak"] = result["hwm_warmup"] if exact else result["warmup_peak_sampled"]
+    result["call_peak"] = result["hwm_calls"] if exact else result["call_peak_sampled"]
+    if exact:
+        values = [v for v in (result["setup_peak"], result["warmup_peak"], result["call_peak"]) if v is not None]
+        result["process_peak"] = max(values) if values else None
+    else:
+        result["process_peak"] = result.get("ru_maxrss")
     result["call_peak_anon"] = peak("calls", key="RssAnon")
     result["call_peak_file"] = peak("calls", key="RssFile")
     calls = peaks.get("calls")
@@ -594,7 +645,8 @@ def main(argv=None) -> int:
     if any_ok:
         print(f"model: UNet2DConditionModel {args.size}, {any_ok['parameters'] / 1e6:.0f}M parameters, "
               f"{any_ok['weights_bytes'] / GIB:.2f} GiB of fp32 weights; RSS after imports "
-              f"{any_ok['rss_after_imports'] / GIB:.2f} GiB, after building the model {any_ok['rss_after_build'] / GIB:.2f} GiB")
+              f"{any_ok['rss_after_imports'] / GIB:.2f} GiB, after building the model "
+              f"{any_ok['rss_after_build'] / GIB:.2f} GiB")
 
     # --- table ----------------------------------------------------------------------------------------
     ok = {m: r for m, r in results.items() if r.get("ok")}
@@ -603,14 +655,23 @@ def main(argv=None) -> int:
         values = [ok[m][key] for m in BASELINES if m in ok and ok[m].get(key) is not None]
         return min(values) if values else None
 
-    best = {key: best_of_baselines(key) for key in ("setup_peak", "rss_after_setup", "call_peak", "ru_maxrss", "median_s")}
-    header = (f"{'method':<27} {'setup':>6} {'after':>6} {'warmup':>6} {'call':>6} {'ru_max':>6} {'median':>8}"
+    best = {key: best_of_baselines(key)
+            for key in ("setup_peak", "rss_after_setup", "call_peak", "process_peak", "median_s")}
+    header = (f"{'method':<27} {'setup':>6} {'after':>6} {'warmup':>6} {'call':>6} {'proc.':>6}"
+              f" {'median':>8}"
               f" | {'ratio vs best of B,C':^29}")
-    sub = (f"{'':<27} {'peak':>6} {'setup':>6} {'peak':>6} {'peak':>6} {'rss':>6} {'s/call':>8}"
-           f" | {'setupPk':>7} {'callPk':>7} {'ru_max':>6} {'time':>5}")
+    sub = (f"{'':<27} {'peak':>6} {'setup':>6} {'peak':>6} {'peak':>6} {'peak':>6} {'s/call':>8}"
+           f" | {'setupPk':>7} {'callPk':>7} {'procPk':>6} {'time':>5}")
     print()
-    print("RSS in GiB (VmRSS sampled every ~%g ms; ru_max = getrusage ru_maxrss, the process lifetime peak)"
-          % args.sample_ms)
+    exact_all = bool(ok) and all(r.get("hwm_exact") for r in ok.values())
+    print("RSS in GiB. setup peak = getrusage ru_maxrss before the first call (build + setup); after setup = VmRSS "
+          "after gc.collect();")
+    if exact_all:
+        print("warm-up / call peak = VmHWM of that phase (high-water mark reset via /proc/self/clear_refs at its "
+              "start); proc. peak = max of the three.")
+    else:
+        print("warm-up / call peak = max VmRSS sampled every ~%g ms (clear_refs unavailable); proc. peak = ru_maxrss "
+              "at the end." % args.sample_ms)
     print(header)
     print(sub)
     print("-" * len(sub))
@@ -619,18 +680,23 @@ def main(argv=None) -> int:
             print(f"{LABELS[method]:<27} FAILED: {r.get('error', '')[:120]}")
             continue
         print(f"{LABELS[method]:<27} {_gib(r['setup_peak'])} {_gib(r['rss_after_setup'])} {_gib(r['warmup_peak'])} "
-              f"{_gib(r['call_peak'])} {_gib(r['ru_maxrss'])} {r['median_s']:8.3f}"
+              f"{_gib(r['call_peak'])} {_gib(r['process_peak'])} {r['median_s']:8.3f}"
               f" | {_ratio(r['setup_peak'], best['setup_peak']):>7} {_ratio(r['call_peak'], best['call_peak']):>7}"
-              f" {_ratio(r['ru_maxrss'], best['ru_maxrss']):>6} {_ratio(r['median_s'], best['median_s']):>5}")
+              f" {_ratio(r['process_peak'], best['process_peak']):>6} {_ratio(r['median_s'], best['median_s']):>5}")
     print()
-    print("Where the RSS is (GiB): anonymous vs file-backed (mmap) pages; page faults per timed call")
-    print(f"{'method':<27} {'afterSetup anon/file':>21} {'callPeak anon/file':>19} {'max anon':>8} {'max file':>8}"
-          f" {'minflt/call':>11} {'majflt':>6}")
+    print("Where the RSS is (GiB): anonymous vs file-backed (mmap) pages, from the ~%g ms sampler (it can miss "
+          "spikes of a few ms);" % args.sample_ms)
+    print("page faults per timed call (getrusage)")
+    print(f"{'method':<27} {'after setup':>15} {'sampled':>7} {'at that peak':>15} {'calls max':>9}"
+          f" {'calls max':>9} {'minflt':>8} {'majflt':>6}")
+    print(f"{'':<27} {'anon / file':>15} {'callPk':>7} {'anon / file':>15} {'anon':>9} {'file':>9}"
+          f" {'/call':>8} {'/call':>6}")
     for method, r in ok.items():
         split = r.get("call_peak_split", (None, None))
-        print(f"{LABELS[method]:<27} {_gib(r['rss_after_setup_anon'])} / {_gib(r['rss_after_setup_file'])}     "
-              f"{_gib(split[0])} / {_gib(split[1])}   {_gib(r['call_peak_anon'])}   {_gib(r['call_peak_file'])}"
-              f" {statistics.median(r['call_faults_minor']):11.0f} {statistics.median(r['call_faults_major']):6.0f}")
+        print(f"{LABELS[method]:<27} {_gib(r['rss_after_setup_anon'])} / {_gib(r['rss_after_setup_file'])}"
+              f" {_gib(r['call_peak_sampled']):>7} {_gib(split[0])} / {_gib(split[1])}"
+              f" {_gib(r['call_peak_anon']):>9} {_gib(r['call_peak_file']):>9}"
+              f" {statistics.median(r['call_faults_minor']):8.0f} {statistics.median(r['call_faults_major']):6.0f}")
 
     if args.hook_timing:
         print()
@@ -674,7 +740,7 @@ def main(argv=None) -> int:
         a = ok["offloadkit"]
         for key, what, tol in (("call_peak", "call peak RSS", args.rss_tol),
                                ("setup_peak", "setup peak RSS", args.rss_tol),
-                               ("ru_maxrss", "process peak RSS (ru_maxrss)", args.rss_tol),
+                               ("process_peak", "process peak RSS", args.rss_tol),
                                ("median_s", "median time per call", args.time_tol)):
             reference = best[key]
             ratio = a[key] / reference if reference else None
@@ -688,7 +754,7 @@ def main(argv=None) -> int:
             targets.append({"target": what, "key": key, "offloadkit": a[key], "best_baseline": reference,
                             "ratio": ratio, "tolerance": tol, "pass": passed})
     else:
-        print("targets: not evaluated (offloadkit or both baselines failed)")
+        print("targets: not evaluated (they need offloadkit and at least one of accelerate, diffusers, all succeeded)")
     print(f"total wall time {time.perf_counter() - total_start:.0f} s. Times on shared CPUs are noisy: compare ratios.")
 
     if args.json_path:

@@ -4,32 +4,51 @@ Files are namespaced per component and per weights fingerprint: two components o
 the same class never read each other's file, and a file is reused only when its
 fingerprint (a hash of every tensor's name, dtype, shape and bytes) matches, so a
 stale file from other weights is never read.
+
+Layout: a standard safetensors file whose tensors all start on a page boundary
+(the gaps are filled with `__pad_N__` byte entries, since the format allows no
+holes). That lets a layer use the mapped pages as they are, with no copy, and
+lets `release()` hand a layer's pages back to the kernel right after its forward,
+so the file never accumulates in the process's resident memory.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
+import mmap
 import shutil
+import struct
 from collections.abc import Mapping
 from pathlib import Path
 
 FILE_NAME = "weights.safetensors"
+PAGE = mmap.PAGESIZE
+PAD_PREFIX = "__pad_"
+
+_DTYPE_NAMES = {  # torch dtype name -> safetensors dtype
+    "float64": "F64", "float32": "F32", "float16": "F16", "bfloat16": "BF16", "int64": "I64", "int32": "I32",
+    "int16": "I16", "int8": "I8", "uint8": "U8", "bool": "BOOL", "float8_e4m3fn": "F8_E4M3",
+    "float8_e5m2": "F8_E5M2",
+}
+
+
+def _as_bytes(tensor):
+    """A flat uint8 view of a tensor's data, without copying (contiguous tensors only)."""
+    import torch
+
+    return tensor.detach().contiguous().reshape(-1).view(torch.uint8).numpy()
 
 
 def fingerprint(tensors: dict) -> str:
     """A short content hash of a state dict (names, dtypes, shapes and bytes)."""
     digest = hashlib.blake2b(digest_size=12)
     for key in sorted(tensors):
-        tensor = tensors[key].detach().contiguous()
+        tensor = tensors[key]
         digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
-        digest.update(tensor.view(-1).view(dtype=_byte_dtype()).numpy().tobytes() if tensor.numel() else b"")
+        if tensor.numel():
+            digest.update(_as_bytes(tensor))
     return digest.hexdigest()
-
-
-def _byte_dtype():
-    import torch
-
-    return torch.uint8
 
 
 def split_aliases(tensors: dict) -> tuple[dict, dict]:
@@ -47,25 +66,95 @@ def split_aliases(tensors: dict) -> tuple[dict, dict]:
     return primary, aliases
 
 
+def _round_up(value: int) -> int:
+    return -(-value // PAGE) * PAGE
+
+
+def write_aligned(tensors: dict, path: Path) -> None:
+    """Write a safetensors file whose tensors all start on a page boundary."""
+    entries, offset, pads = {}, 0, 0
+    for key in sorted(tensors):
+        tensor = tensors[key]
+        dtype = _DTYPE_NAMES.get(str(tensor.dtype).replace("torch.", ""))
+        if dtype is None:
+            raise ValueError(f"cannot store {key!r}: dtype {tensor.dtype} has no safetensors name")
+        aligned = _round_up(offset)
+        if aligned != offset:
+            entries[f"{PAD_PREFIX}{pads}__"] = {"dtype": "U8", "shape": [aligned - offset],
+                                                "data_offsets": [offset, aligned]}
+            pads += 1
+        size = tensor.numel() * tensor.element_size()
+        entries[key] = {"dtype": dtype, "shape": list(tensor.shape), "data_offsets": [aligned, aligned + size]}
+        offset = aligned + size
+    header = json.dumps(entries, separators=(",", ":")).encode()
+    # the data section starts on a page boundary too: pad the header with spaces (allowed by the format)
+    header += b" " * (_round_up(8 + len(header)) - 8 - len(header))
+    with open(path, "wb") as out:
+        out.write(struct.pack("<Q", len(header)))
+        out.write(header)
+        written = 0
+        for key, entry in entries.items():
+            begin, end = entry["data_offsets"]
+            if key.startswith(PAD_PREFIX):
+                out.write(b"\0" * (end - begin))
+            elif end > begin:
+                out.write(memoryview(_as_bytes(tensors[key])))
+            written = end
+        assert written == offset
+
+
 class DiskWeights(Mapping):
-    """Read-only mapping over one component's safetensors file (tied names resolve to one stored tensor)."""
+    """Read-only mapping over one component's file: tensors are views of the memory map (no copy)."""
 
     def __init__(self, path: Path, keys: list[str], aliases: dict):
-        from safetensors import safe_open
+        import torch
 
-        self.path = path
-        self._file = safe_open(str(path), framework="pt", device="cpu")
+        self.path = Path(path)
+        self._aliases = dict(aliases)
         self._keys = list(keys)
         self._known = set(keys)
-        self._aliases = dict(aliases)
+        with open(self.path, "rb") as source:
+            header_size = struct.unpack("<Q", source.read(8))[0]
+            header = json.loads(source.read(header_size))
+            # a private (copy-on-write) mapping: writable for torch.frombuffer, never written back
+            self._map = mmap.mmap(source.fileno(), 0, access=mmap.ACCESS_COPY)
+        start = 8 + header_size
+        self._entries = {}
+        for key, entry in header.items():
+            if key.startswith(PAD_PREFIX) or key == "__metadata__":
+                continue
+            begin, end = entry["data_offsets"]
+            self._entries[key] = (start + begin, start + end, entry["dtype"], entry["shape"])
+        self._dtypes = {name: getattr(torch, torch_name) for torch_name, name in _DTYPE_NAMES.items()}
 
     def __getitem__(self, key):
+        import torch
+
         if key not in self._known:  # e.g. a non-persistent buffer: Mapping.get() expects KeyError
             raise KeyError(key)
-        tensor = self._file.get_tensor(self._aliases.get(key, key))
-        # Tensors read from the file need not be 64-byte aligned, and CPU matmul kernels then take another
-        # path whose results differ in the last bit; an aligned copy computes exactly like the original.
-        return tensor.clone() if tensor.data_ptr() % 64 else tensor
+        begin, end, dtype, shape = self._entries[self._aliases.get(key, key)]
+        if end == begin:
+            return torch.empty(shape, dtype=self._dtypes[dtype])
+        flat = torch.frombuffer(self._map, dtype=self._dtypes[dtype], count=(end - begin) // _itemsize(dtype),
+                                offset=begin)
+        return flat.view(shape)
+
+    def release(self, keys) -> None:
+        """Give the pages of these tensors back to the kernel (they are read from the file again if needed)."""
+        if not hasattr(mmap, "MADV_DONTNEED"):  # not on this platform: the kernel reclaims pages itself
+            return
+        for key in keys:
+            entry = self._entries.get(self._aliases.get(key, key))
+            if entry is None or entry[1] == entry[0]:
+                continue
+            begin, end = entry[0], _round_up(entry[1])
+            self._map.madvise(mmap.MADV_DONTNEED, begin, min(end, len(self._map)) - begin)
+
+    def close(self) -> None:
+        try:
+            self._map.close()
+        except BufferError:  # a tensor still views the map; the mapping goes when it does
+            pass
 
     def __iter__(self):
         return iter(self._keys)
@@ -78,21 +167,24 @@ class DiskWeights(Mapping):
         return dict(self._aliases)
 
 
+def _itemsize(dtype: str) -> int:
+    return {"F64": 8, "I64": 8, "F32": 4, "I32": 4, "F16": 2, "BF16": 2, "I16": 2}.get(dtype, 1)
+
+
 def store(component: str, tensors: dict, folder: Path) -> DiskWeights:
     """Write (or reuse, when the fingerprint matches) the component's file under `folder`."""
-    from safetensors.torch import save_file
-
     primary, aliases = split_aliases(tensors)
     target = Path(folder) / f"{component}-{fingerprint(primary)}"
     path = target / FILE_NAME
     if not path.is_file():
         target.mkdir(parents=True, exist_ok=True)
         partial = target / (FILE_NAME + ".partial")
-        save_file({k: v.detach().contiguous() for k, v in primary.items()}, str(partial))
+        write_aligned(primary, partial)
         partial.replace(path)  # readers never see a half-written file
     return DiskWeights(path, list(tensors), aliases)
 
 
 def discard(weights: DiskWeights) -> None:
     """Delete the component's folder (its name carries the fingerprint, so nothing else lives there)."""
+    weights.close()
     shutil.rmtree(weights.path.parent, ignore_errors=True)

@@ -80,3 +80,30 @@ def test_tied_weights_are_stored_once_and_tied_again():
     handle.remove()
     assert t5.shared.weight is t5.encoder.embed_tokens.weight
     assert_same_images(run(pipe), reference)
+
+
+def test_files_are_standard_safetensors_with_page_aligned_tensors(tmp_path):
+    import json
+    import mmap
+    import struct
+
+    from safetensors.torch import load_file
+
+    from offloadkit.disk_store import PAD_PREFIX, store
+
+    torch.manual_seed(0)
+    tensors = {"a.weight": torch.randn(3, 5), "b.bias": torch.randn(7), "c.half": torch.randn(4).half(),
+               "d.index": torch.arange(5), "e.empty": torch.empty(0)}
+    weights = store("unit", tensors, tmp_path)
+    loaded = {k: v for k, v in load_file(str(weights.path)).items() if not k.startswith(PAD_PREFIX)}
+    assert set(loaded) == set(tensors)
+    for key, tensor in tensors.items():
+        assert torch.equal(loaded[key], tensor) and torch.equal(weights[key], tensor)
+    raw = weights.path.read_bytes()
+    header_size = struct.unpack("<Q", raw[:8])[0]
+    header = json.loads(raw[8:8 + header_size])
+    assert (8 + header_size) % mmap.PAGESIZE == 0
+    assert all(entry["data_offsets"][0] % mmap.PAGESIZE == 0
+               for key, entry in header.items() if not key.startswith(PAD_PREFIX))
+    weights.release(list(tensors))  # pages handed back; the values are read from the file again
+    assert torch.equal(weights["a.weight"], tensors["a.weight"])

@@ -37,7 +37,22 @@ def install(ctx, name, module, rule, previous):
     ctx.remember_weights(name, weights)
     # The in-RAM tensors are dropped: parameters become meta tensors backed by the file.
     stream_layers(ctx, name, module, rule.offload_buffers, weights)
+    _release_after_forward(module, weights)
     return None
+
+
+def _release_after_forward(module, weights) -> None:
+    """After each layer's forward (and Accelerate's post_forward, which drops its tensors), let its pages go."""
+    handles = []
+    for path, sub in module.named_modules():
+        hook = getattr(sub, "_hf_hook", None)
+        hooks = getattr(hook, "hooks", (hook,))
+        if not any(getattr(h, "offload", False) for h in hooks):
+            continue
+        prefix = f"{path}." if path else ""
+        keys = [prefix + key for key in list(sub._parameters) + list(sub._buffers)]
+        handles.append(sub.register_forward_hook(lambda *_, _keys=keys: weights.release(_keys)))
+    weights.release_handles = handles
 
 
 def uninstall(handle, name, module):
@@ -50,6 +65,11 @@ def uninstall(handle, name, module):
     weights = handle._weights.pop(name, None)
     if weights is None:
         return
+    for release in getattr(weights, "release_handles", ()):
+        release.remove()
+    # Accelerate's detach gave the model views of the memory map: make them ordinary tensors first.
+    for tensor in list(module.parameters()) + list(module.buffers()):
+        tensor.data = tensor.data.clone()
     _retie(module, weights.aliases)
     discard(weights)
 
