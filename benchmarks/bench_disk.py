@@ -295,7 +295,8 @@ def setup_method(method: str, model, folder: str, pipe):
 
         pipe.register_modules(unet=model)
         assert pipe.unet is model and pipe.components["unet"] is model
-        policy = {"version": 1, "components": {"unet": {"strategy": "disk", "folder": folder}}}
+        policy = {"version": 1, "components": {"unet": {"strategy": "disk", "folder": folder,
+                                                        "granularity": GRANULARITY}}}
         handle = offloadkit.apply(pipe, policy, device="cpu")
         return pipe.unet, (pipe, handle)
     if method == "accelerate":
@@ -331,6 +332,8 @@ def faults() -> tuple[int, int]:
 
 
 def child_main(args) -> int:
+    global GRANULARITY
+    GRANULARITY = args.granularity
     warnings.filterwarnings("ignore")
     result = {"method": args.child, "ok": False}
     out_dir = args.result_dir
@@ -490,6 +493,8 @@ def _parse_args(argv=None):
                         help="sd15: SD 1.5-sized UNet (~860M params); small: a fast smoke run (default: sd15)")
     parser.add_argument("--calls", type=int, default=3, help="timed calls per method, after 1 warm-up (default: 3)")
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads in the children (default: 2)")
+    parser.add_argument("--granularity", choices=("layer", "block"), default="layer",
+                        help="offloadkit disk `granularity` (default: layer)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--methods", default=",".join(METHODS),
                         help=f"comma-separated subset of {','.join(METHODS)} (default: all three)")
@@ -514,12 +519,16 @@ def _parse_args(argv=None):
     return parser.parse_args(argv)
 
 
+GRANULARITY = "layer"  # set from --granularity in the child
+
+
 def run_child(method: str, args) -> dict:
     os.makedirs(args.tmp, exist_ok=True)
     folder = tempfile.mkdtemp(prefix=f"{method}-", dir=args.tmp)
     command = [sys.executable, os.path.abspath(__file__), "--child", method, "--result-dir", folder,
                "--size", args.size, "--calls", str(args.calls), "--threads", str(args.threads),
-               "--seed", str(args.seed), "--sample-ms", str(args.sample_ms), "--profile-top", str(args.profile_top)]
+               "--seed", str(args.seed), "--sample-ms", str(args.sample_ms), "--profile-top", str(args.profile_top),
+               "--granularity", args.granularity]
     if args.hook_timing:
         command.append("--hook-timing")
     if args.profile:
@@ -619,7 +628,7 @@ def main(argv=None) -> int:
     if args.with_plain:
         methods.append("plain")
 
-    print(f"bench_disk: size={args.size} calls={args.calls} (+1 warm-up) threads={args.threads} seed={args.seed} "
+    print(f"bench_disk: size={args.size} granularity={args.granularity} calls={args.calls} (+1 warm-up) threads={args.threads} seed={args.seed} "
           f"methods={','.join(methods)}")
     print(f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} CPUs; "
           f"temp folders under {args.tmp}")

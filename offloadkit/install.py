@@ -204,8 +204,13 @@ class OffloadHandle:
             self._install_hooks()
         except BaseException:
             # e.g. out of memory placing a resident model: leave nothing half-installed behind
-            self._remove_hooks()
-            self._restore_devices()
+            try:
+                self._remove_hooks()
+                self._restore_devices()
+            except Exception as cleanup:  # the first error is the one to show
+                import warnings
+
+                warnings.warn(f"offloadkit could not fully undo a failed apply: {cleanup}", RuntimeWarning)
             raise
         self._base_class = type(pipe)
         pipe.__class__ = _offloaded_class(self._base_class)

@@ -107,3 +107,33 @@ def test_files_are_standard_safetensors_with_page_aligned_tensors(tmp_path):
                for key, entry in header.items() if not key.startswith(PAD_PREFIX))
     weights.release(list(tensors))  # pages handed back; the values are read from the file again
     assert torch.equal(weights["a.weight"], tensors["a.weight"])
+
+
+def test_block_granularity_streams_whole_blocks_with_fewer_hooks():
+    from offloadkit.streaming import offloading_modules
+
+    reference_pipe = tiny_pipeline("sdxl")
+    reference = run(reference_pipe)
+    counts = {}
+    for granularity in ("layer", "block"):
+        pipe = tiny_pipeline("sdxl")
+        rule = {"strategy": "disk", "granularity": granularity}
+        handle = offloadkit.apply(pipe, {"version": 1, "components": {"*": rule}}, device="cpu")
+        counts[granularity] = len(list(offloading_modules(pipe.unet)))
+        for _ in range(2):
+            assert_same_images(run(pipe), reference)
+            assert all(p.device.type == "meta" for p in pipe.unet.parameters())
+        handle.remove()
+        assert hooked_submodules(pipe) == []
+        assert_same_images(run(pipe), reference)
+    assert counts["block"] * 3 < counts["layer"]
+
+
+def test_block_granularity_refuses_offloaded_buffers():
+    from offloadkit.errors import PolicyError
+
+    import pytest
+
+    with pytest.raises(PolicyError, match="`offload_buffers: true` does not work with `granularity: block`"):
+        offloadkit.load({"version": 1, "components": {"unet": {"strategy": "disk", "granularity": "block",
+                                                               "offload_buffers": True}}})

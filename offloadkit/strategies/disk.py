@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
+from ..streaming import offloading_modules, stream_blocks, stream_layers
 from .base import Strategy, StrategyRule, register
-from .sequential import stream_layers
 
 
 class DiskRule(StrategyRule):
@@ -27,6 +27,19 @@ class DiskRule(StrategyRule):
     )
     offload_buffers: Literal["auto"] | bool = Field(
         "auto", description="Offload buffers too. `auto`: when the model has parameters of its own.")
+    granularity: Literal["layer", "block"] = Field(
+        "layer",
+        description="`layer`: each module's weights for its own forward (least memory). `block`: a whole "
+        "block (an element of the model's top-level ModuleLists, or another top-level child) at a time: "
+        "more memory, far less hook overhead.",
+    )
+
+    @model_validator(mode="after")
+    def _block_streaming_keeps_buffers(self):
+        if self.granularity == "block" and self.offload_buffers is True:
+            raise ValueError("`offload_buffers: true` does not work with `granularity: block` (buffers stay on the "
+                             "device there). Use 'auto' or false, or `granularity: layer`")
+        return self
 
 
 def install(ctx, name, module, rule, previous):
@@ -36,23 +49,14 @@ def install(ctx, name, module, rule, previous):
     weights = store(name, dict(module.state_dict()), ctx.disk_folder(rule.folder))
     ctx.remember_weights(name, weights)
     # The in-RAM tensors are dropped: parameters become meta tensors backed by the file.
-    stream_layers(ctx, name, module, rule.offload_buffers, weights)
-    _release_after_forward(module, weights)
+    stream = stream_blocks if rule.granularity == "block" else stream_layers
+    stream(ctx, name, module, rule.offload_buffers, weights)
+    # After each forward (and Accelerate's post_forward, which drops the tensors) the pages can go.
+    weights.release_handles = [
+        sub.register_forward_hook(lambda *_, _keys=keys: weights.release(_keys))
+        for _, sub, keys in offloading_modules(module)
+    ]
     return None
-
-
-def _release_after_forward(module, weights) -> None:
-    """After each layer's forward (and Accelerate's post_forward, which drops its tensors), let its pages go."""
-    handles = []
-    for path, sub in module.named_modules():
-        hook = getattr(sub, "_hf_hook", None)
-        hooks = getattr(hook, "hooks", (hook,))
-        if not any(getattr(h, "offload", False) for h in hooks):
-            continue
-        prefix = f"{path}." if path else ""
-        keys = [prefix + key for key in list(sub._parameters) + list(sub._buffers)]
-        handles.append(sub.register_forward_hook(lambda *_, _keys=keys: weights.release(_keys)))
-    weights.release_handles = handles
 
 
 def uninstall(handle, name, module):

@@ -11,6 +11,7 @@ from typing import Literal
 
 from pydantic import Field
 
+from ..streaming import stream_layers
 from .base import Strategy, StrategyRule, register
 
 
@@ -22,19 +23,6 @@ class SequentialRule(StrategyRule):
         "auto",
         description="Offload buffers too. `auto`: as diffusers (when the model has parameters of its own).",
     )
-
-
-def stream_layers(ctx, name, module, offload_buffers, weights) -> None:
-    """Accelerate's per-layer streaming from `weights` (a mapping of host tensors) to the device."""
-    import torch
-    from accelerate import cpu_offload
-
-    if offload_buffers == "auto":  # diffusers' rule in enable_sequential_cpu_offload
-        offload_buffers = len(module._parameters) > 0
-    # Accelerate's meta-device materialisation fails for `cpu:0` but works for `cpu`.
-    device = torch.device("cpu") if ctx.device.type == "cpu" else ctx.device
-    cpu_offload(module, device, offload_buffers=offload_buffers, state_dict=weights)
-    ctx.hooked[name] = module._hf_hook
 
 
 def install(ctx, name, module, rule, previous):
