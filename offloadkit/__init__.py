@@ -13,7 +13,15 @@ Example::
 
 from __future__ import annotations
 
-from .errors import DeviceError, OffloadkitError, PipelineError, PolicyError, Problem
+from .errors import (
+    BudgetExceededError,
+    BudgetWarning,
+    DeviceError,
+    OffloadkitError,
+    PipelineError,
+    PolicyError,
+    Problem,
+)
 from .loading import builtin_policies, load
 from .plans import ComponentPlan, Plan
 from .schema import Policy
@@ -24,7 +32,7 @@ _LAZY = {"apply": "install", "plan": "install", "remove": "install", "OffloadHan
          "Trace": "trace", "TraceEvent": "trace"}
 
 __all__ = sorted([
-    "ComponentPlan", "DeviceError", "OffloadHandle", "OffloadkitError", "PipelineError", "Plan", "Policy",
+    "BudgetExceededError", "BudgetWarning", "ComponentPlan", "DeviceError", "OffloadHandle", "OffloadkitError", "PipelineError", "Plan", "Policy",
     "PolicyError", "Problem", "Trace", "TraceEvent", "apply", "builtin_policies", "load", "plan", "remove",
 ])
 
