@@ -155,6 +155,8 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
                 reason = reason.replace("; not in sequence: own hook, offloaded at end of call", "")
         else:
             index, offloaded_by = None, strategy.offloaded_by
+            if options[name].get("granularity") == "block":
+                offloaded_by = "after each block"
             home = device if strategy.home == "device" else strategy.home
             runs_on = device if strategy.runs_on_device else None
         plans.append(ComponentPlan(

@@ -30,13 +30,27 @@ class HostCopy:
                     tensor.data = host  # the model's host storage is the copy: no second copy in RAM
                     self.entries.append((tensor, host))
 
+    def _keep(self, index, tensor, host):
+        if self.pinned and not host.is_pinned():
+            host = host.pin_memory()
+            tensor.data = host
+        self.entries[index] = (tensor, host)
+        return host
+
     def onload(self, device) -> None:
-        for tensor, host in self.entries:
+        for index, (tensor, host) in enumerate(self.entries):
+            current = tensor.data
+            if current.device.type == "cpu" and current.data_ptr() != host.data_ptr():
+                host = self._keep(index, tensor, current)  # replaced on the host (e.g. cast): the new one counts
             tensor.data = host.to(device, non_blocking=self.pinned)
 
     def offload(self) -> None:
-        # Drop the device copies: the host tensors still hold the same values.
-        for tensor, host in self.entries:
+        # Drop the device copies: the host tensors still hold the same values, unless the model was
+        # converted while on the device (SDXL's pipeline upcasts its VAE to float32 mid-call): then copy back.
+        for index, (tensor, host) in enumerate(self.entries):
+            current = tensor.data
+            if current.dtype != host.dtype or current.shape != host.shape:
+                host = self._keep(index, tensor, current.to("cpu"))
             tensor.data = host
 
     def release(self) -> None:

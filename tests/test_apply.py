@@ -464,3 +464,18 @@ def test_pinned_transfer_needs_an_accelerator():
     plan = offloadkit.plan(tiny_pipeline("sd"), {"version": 1, "components": {"unet": {
         "strategy": "model", "transfer": "copy-free"}}}, device="cpu")
     assert plan.component("unet").options["transfer"] == "copy-free"
+
+
+def test_copy_free_follows_a_dtype_change_made_during_the_call():
+    """SDXL's pipeline upcasts an fp16 VAE to float32 mid-call (force_upcast); the host copy must follow."""
+    results = {}
+    for transfer in ("standard", "copy-free"):
+        pipe = tiny_pipeline("sdxl").to(torch.float16)
+        pipe.vae.register_to_config(force_upcast=True)
+        handle = offloadkit.apply(pipe, {"version": 1, "components": {"*": {"strategy": "model",
+                                                                             "transfer": transfer}}}, device="cpu")
+        results[transfer] = [run(pipe) for _ in range(2)]
+        assert next(pipe.vae.parameters()).dtype == torch.float16  # the pipeline casts it back at the end
+        handle.remove()
+    assert_same_images(results["copy-free"][0], results["standard"][0])
+    assert_same_images(results["copy-free"][1], results["standard"][1])
