@@ -93,15 +93,16 @@ import json
 import os
 import platform
 import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
 import time
 import traceback
 import warnings
+
+import benchkit
+from benchkit import read_status, reset_hwm, ru_maxrss_bytes
 
 GIB = 1024 ** 3
 
@@ -133,36 +134,6 @@ LABELS = {
 # ------------------------------------------------------------------------------------------------
 # RSS sampling (child side)
 # ------------------------------------------------------------------------------------------------
-
-def read_status() -> dict:
-    """VmRSS / RssAnon / RssFile / VmHWM of this process, in bytes."""
-    wanted = {"VmRSS", "RssAnon", "RssFile", "RssShmem", "VmHWM"}
-    found = {}
-    with open("/proc/self/status") as f:
-        for line in f:
-            key, _, rest = line.partition(":")
-            if key in wanted:
-                found[key] = int(rest.split()[0]) * 1024
-    return found
-
-
-def reset_hwm() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM) to its current RSS; False where the kernel refuses.
-
-    Writing 5 to /proc/self/clear_refs (Linux >= 4.0). It also resets what getrusage's ru_maxrss reports.
-    """
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def ru_maxrss_bytes() -> int:
-    # Linux reports kilobytes (macOS bytes; this benchmark is Linux-only because of /proc).
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
 
 class RssSampler(threading.Thread):
     """Samples /proc/self/status every `interval` s and keeps, per phase, the peak VmRSS (and its parts)."""
@@ -533,29 +504,13 @@ def run_child(method: str, args) -> dict:
         command.append("--hook-timing")
     if args.profile:
         command.append("--profile")
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
-        result_path = os.path.join(folder, "result.json")
-        if os.path.isfile(result_path):
-            with open(result_path) as f:
-                result = json.load(f)
-        else:
-            result = {"method": method, "ok": False,
-                      "error": f"child exited with status {proc.returncode} and no result "
-                               f"(killed for memory?): {proc.stderr[-2000:]}"}
-        output_path = os.path.join(folder, "output.pt")
-        if os.path.isfile(output_path):
-            import torch
+    return benchkit.run_child(method, command, folder, args.child_timeout, "output.pt", _load_tensor)
 
-            result["_output"] = torch.load(output_path)
-        result["returncode"] = proc.returncode
-    except subprocess.TimeoutExpired:
-        result = {"method": method, "ok": False, "error": f"child timed out after {args.child_timeout:.0f} s"}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    result["wall_s"] = time.perf_counter() - start
-    return result
+
+def _load_tensor(path):
+    import torch
+
+    return torch.load(path)
 
 
 def summarise(result: dict) -> dict:

@@ -119,15 +119,15 @@ import gc
 import json
 import os
 import platform
-import resource
-import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 import traceback
 import warnings
+
+import benchkit
+from benchkit import read_status, reset_hwm, ru_maxrss_bytes
 
 NO_CUDA_MESSAGE = "no CUDA device: this benchmark needs a GPU; nothing measured"
 
@@ -480,33 +480,6 @@ def setup_method(method: str, pipe, device, folder: str, no_stream: bool):
 # Measuring (child side)
 # --------------------------------------------------------------------------------------------------
 
-def read_status() -> dict:
-    found = {}
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                key, _, rest = line.partition(":")
-                if key in ("VmRSS", "VmHWM"):
-                    found[key] = int(rest.split()[0]) * 1024
-    except OSError:
-        pass
-    return found
-
-
-def reset_hwm() -> bool:
-    """Reset this process's RSS high-water mark (VmHWM); False where the kernel refuses."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-        return True
-    except OSError:
-        return False
-
-
-def ru_maxrss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux: kilobytes
-
-
 class TransitionTimer:
     """Synchronised wall time of every whole-model offload hook's pre_forward, and of offloads.
 
@@ -800,29 +773,13 @@ def run_child(method: str, args) -> dict:
                "--seed", str(args.seed), "--threads", str(args.threads)]
     if args.no_stream:
         command.append("--no-stream-on-cpu")
-    start = time.perf_counter()
-    try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=args.child_timeout)
-        path = os.path.join(folder, "result.json")
-        if os.path.isfile(path):
-            with open(path, encoding="utf-8") as f:
-                result = json.load(f)
-        else:
-            result = {"method": method, "ok": False,
-                      "error": f"child exited with status {proc.returncode} and no result "
-                               f"(killed for memory?): {proc.stderr[-2000:]}"}
-        image_path = os.path.join(folder, "image.npy")
-        if os.path.isfile(image_path):
-            import numpy as np
+    return benchkit.run_child(method, command, folder, args.child_timeout, "image.npy", _load_image)
 
-            result["_image"] = np.load(image_path)
-        result["returncode"] = proc.returncode
-    except subprocess.TimeoutExpired:
-        result = {"method": method, "ok": False, "error": f"child timed out after {args.child_timeout:.0f} s"}
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
-    result["wall_s"] = time.perf_counter() - start
-    return result
+
+def _load_image(path):
+    import numpy as np
+
+    return np.load(path)
 
 
 def compare_images(results: dict, atol: float) -> dict:
