@@ -26,6 +26,13 @@ from .strategies import STRATEGIES
 from .trace import Trace
 
 
+def _resolved(pipe, policy, device):
+    """(policy, device, plan) for a loaded pipeline: the one resolution `plan` and `apply` share."""
+    policy = load(policy)
+    target = resolve_device(device if device is not None else policy.device)
+    return policy, target, resolve(policy, spec_from_pipeline(pipe), str(target),
+                                   bnb_8bit_movable=_bnb_8bit_movable())
+
 
 def plan(pipe, policy, *, device=None) -> Plan:
     """Resolve `policy` against a loaded pipeline without changing anything.
@@ -34,9 +41,7 @@ def plan(pipe, policy, *, device=None) -> Plan:
 
         print(offloadkit.plan(pipe, "diffusers-default", device="cpu"))
     """
-    policy = load(policy)
-    target = resolve_device(device if device is not None else policy.device)
-    return resolve(policy, spec_from_pipeline(pipe), str(target), bnb_8bit_movable=_bnb_8bit_movable())
+    return _resolved(pipe, policy, device)[2]
 
 
 def apply(pipe, policy, *, device=None) -> "OffloadHandle":
@@ -52,9 +57,7 @@ def apply(pipe, policy, *, device=None) -> "OffloadHandle":
         image = pipe("a lighthouse at dusk").images[0]
         print(handle.trace.summary())
     """
-    policy = load(policy)
-    target = resolve_device(device if device is not None else policy.device)
-    the_plan = resolve(policy, spec_from_pipeline(pipe), str(target), bnb_8bit_movable=_bnb_8bit_movable())
+    policy, target, the_plan = _resolved(pipe, policy, device)
     _check_pipeline(pipe, the_plan)
     previous = getattr(pipe, HANDLE_ATTR, None)
     if previous is not None:
@@ -97,9 +100,10 @@ def _check_pipeline(pipe, the_plan: Plan) -> None:
         if name not in managed or name in ours or not isinstance(component, torch.nn.Module):
             continue
         if _is_group_offload_enabled(component):
-            raise PipelineError(f"component {name!r} has diffusers group offloading enabled, which cannot be "
-                                "removed. Reload the component without enable_group_offload, or give it "
-                                "`strategy: skip` in the policy")
+            raise PipelineError(f"component {name!r} has diffusers group offloading that offloadkit did not "
+                                "install (diffusers has no public way to undo it). Reload the component without "
+                                "enable_group_offload, use `strategy: group` in the policy instead, or give it "
+                                "`strategy: skip`")
         if isinstance(getattr(component, "hf_device_map", None), dict) and len(set(component.hf_device_map.values())) > 1:
             raise PipelineError(f"component {name!r} was loaded with a device map spread over several devices. "
                                 "Load it without device_map, or give it `strategy: skip` in the policy")
@@ -289,8 +293,7 @@ class OffloadHandle:
         The plan is resolved again: a loader may have added a component (`load_ip_adapter`).
         """
         self._remove_hooks()
-        self.plan = resolve(self.policy, spec_from_pipeline(self.pipe), str(self.device),
-                            bnb_8bit_movable=_bnb_8bit_movable())
+        self.plan = _resolved(self.pipe, self.policy, self.device)[2]
         self._save_devices()
         self._install_hooks()
 
