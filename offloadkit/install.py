@@ -326,8 +326,7 @@ class OffloadHandle:
 
     def _hooks_intact(self) -> bool:
         components = self.pipe.components
-        return bool(self._hooks) and all(
-            getattr(components.get(n), "_hf_hook", None) is h for n, h in self._hooks.items())
+        return all(getattr(components.get(n), "_hf_hook", None) is h for n, h in self._hooks.items())
 
     def __repr__(self) -> str:
         state = "active" if self._active else "removed"

@@ -41,7 +41,9 @@ def offloaded_class(base):
     def _reapply_or_refuse(switch):
         def method(self, *args, **kwargs):
             handle = self.__dict__[HANDLE_ATTR]
-            if handle._hooks_intact():
+            # Loaders call the switch only after stripping offload hooks they found; with none to strip,
+            # or all still in place, the call comes from the user.
+            if not handle._hooks or handle._hooks_intact():
                 raise PipelineError(
                     f"this pipeline is under the offloadkit policy {handle.plan.policy!r}; {switch}() would "
                     "silently replace it. Call offloadkit.remove(pipe) first, or express the behaviour in the policy")

@@ -479,3 +479,10 @@ def test_copy_free_follows_a_dtype_change_made_during_the_call():
         handle.remove()
     assert_same_images(results["copy-free"][0], results["standard"][0])
     assert_same_images(results["copy-free"][1], results["standard"][1])
+
+
+def test_switches_are_refused_under_a_policy_without_hooks():
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, {"version": 1, "components": {"*": {"strategy": "resident"}}}, device="cpu")
+    with pytest.raises(PipelineError, match="enable_model_cpu_offload\\(\\) would silently replace it"):
+        pipe.enable_model_cpu_offload(device="cpu")
