@@ -135,6 +135,14 @@ class _InstallContext:
         self.states[name] = state
         return state
 
+    def watch_stream(self, name, module, tier: str) -> None:
+        """Trace a streamed component: its layer loads summed per call."""
+        from .streaming import StreamStats
+
+        stats = StreamStats(name, tier)
+        stats.watch(module)
+        self.handle._streams[name] = stats
+
     def remember_weights(self, name, weights):
         self.handle._weights[name] = weights
 
@@ -175,6 +183,7 @@ class OffloadHandle:
         self._states: dict = {}  # component -> residency state, for chained components
         self._saved_devices: dict = {}
         self._weights: dict = {}  # original tensors kept by strategies that leave meta tensors behind
+        self._streams: dict = {}  # component -> StreamStats, for streamed (sequential/disk) components
         self._diffusers_offload_device = None  # set when apply replaced enable_model_cpu_offload
         self._tmp = None  # temporary folder of disk-tier files
         self._tmp_cleanup = None
@@ -260,6 +269,7 @@ class OffloadHandle:
                 uninstall(self, component.name, module)
         self._hooks.clear()
         self._states.clear()
+        self._streams.clear()
 
     def remove(self) -> None:
         """Undo `apply`: hooks removed, original class back, components on the devices they were on.
@@ -317,6 +327,8 @@ class OffloadHandle:
                 offloaded = True
         if offloaded:
             empty_cache(self.device)
+        for stats in self._streams.values():
+            stats.flush(self.trace, self.device)
         device_peak = None
         if self.device.type == "cuda":
             import torch

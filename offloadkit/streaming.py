@@ -75,3 +75,50 @@ def offloading_modules(module):
         else:
             keys = [prefix + key for key in list(sub._parameters) + list(sub._buffers)]
         yield path, sub, keys
+
+
+class StreamStats:
+    """Bytes and seconds of one streamed component's layer loads, summed over a call (for the trace).
+
+    Each offloading Accelerate hook's `pre_forward` (where a layer's weights are put on the device)
+    is timed through an instance attribute, which is what Accelerate calls.
+    """
+
+    def __init__(self, component: str, tier: str):
+        self.component = component
+        self.tier = tier
+        self.bytes = 0
+        self.seconds = 0.0
+
+    def watch(self, module) -> None:
+        import time
+
+        for _, sub, keys in offloading_modules(module):
+            hook = sub._hf_hook
+            for inner in getattr(hook, "hooks", (hook,)):
+                if not getattr(inner, "offload", False):
+                    continue
+                tensors = _tensors(sub, inner.place_submodules, inner.offload_buffers)
+                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+                original = inner.pre_forward
+
+                def timed(module, *args, _original=original, _nbytes=nbytes, **kwargs):
+                    start = time.perf_counter()
+                    result = _original(module, *args, **kwargs)
+                    self.seconds += time.perf_counter() - start
+                    self.bytes += _nbytes
+                    return result
+
+                inner.pre_forward = timed
+
+    def flush(self, trace, device) -> None:
+        if self.bytes:
+            trace.record(self.component, "stream", self.tier, device, self.bytes, self.seconds)
+        self.bytes, self.seconds = 0, 0.0
+
+
+def _tensors(module, recurse: bool, buffers: bool):
+    found = list(module.parameters(recurse=recurse))
+    if buffers:
+        found += list(module.buffers(recurse=recurse))
+    return found

@@ -37,7 +37,7 @@ class TraceEvent:
 
     call: int
     component: str
-    action: str  # "onload" or "offload"
+    action: str  # "onload", "offload", or "stream" (a call's per-layer moves of a streamed component, summed)
     source: str
     target: str
     bytes: int
@@ -89,8 +89,9 @@ class Trace:
     def record(self, component: str, action: str, source, target, nbytes: int, seconds: float) -> None:
         if action == "onload":
             self.resident[component] = nbytes
-        else:
+        elif action == "offload":
             self.resident.pop(component, None)
+        # "stream": each layer is on the device only during its own forward; the resident set is unchanged
         total = self.resident_bytes
         stage = stage_of(component)
         self.events.append(TraceEvent(self.calls, component, action, str(source), str(target), nbytes, seconds,

@@ -77,3 +77,21 @@ def test_sizes_parse(text, expected):
 def test_bad_sizes_are_policy_errors(bad):
     with pytest.raises(PolicyError, match="budget.device_memory"):
         offloadkit.load({"version": 1, "budget": {"device_memory": bad}})
+
+
+@pytest.mark.parametrize("rule, tier", [({"strategy": "sequential"}, "cpu"), ({"strategy": "disk"}, "disk"),
+                                        ({"strategy": "disk", "granularity": "block"}, "disk")])
+def test_streamed_components_report_their_layer_loads_per_call(rule, tier):
+    pipe = tiny_pipeline("sd")
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"unet": rule}}, device="cpu")
+    run(pipe)
+    run(pipe)
+    unet_bytes = handle.plan.component("unet").bytes
+    for call in (1, 2):
+        (event,) = [e for e in handle.trace.for_call(call) if e.component == "unet"]
+        assert event.action == "stream" and event.source == tier and event.target == "cpu:0"
+        # two denoising steps with classifier-free guidance in one batch: the UNet's weights load twice
+        assert event.bytes == 2 * unet_bytes
+        assert event.seconds > 0
+    assert "unet" not in handle.trace.resident
+    assert handle.trace.calls_summary()[1].bytes_moved >= 2 * unet_bytes

@@ -51,6 +51,7 @@ def install(ctx, name, module, rule, previous):
     # The in-RAM tensors are dropped: parameters become meta tensors backed by the file.
     stream = stream_blocks if rule.granularity == "block" else stream_layers
     stream(ctx, name, module, rule.offload_buffers, weights)
+    ctx.watch_stream(name, module, tier="disk")
     # After each forward (and Accelerate's post_forward, which drops the tensors) the pages can go.
     weights.release_handles = [
         sub.register_forward_hook(lambda *_, _keys=keys: weights.release(_keys))

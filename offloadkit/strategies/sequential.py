@@ -31,6 +31,7 @@ def install(ctx, name, module, rule, previous):
     module.to("cpu")
     ctx.remember_weights(name, _own_tensors(module))
     stream_layers(ctx, name, module, rule.offload_buffers, dict(module.state_dict()))
+    ctx.watch_stream(name, module, tier="cpu")
     return None
 
 
