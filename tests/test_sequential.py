@@ -64,8 +64,9 @@ def test_mixed_policy_model_sequential_resident():
     assert handle.plan.component("unet").offloaded_by == "after each layer"
     for _ in range(2):
         assert_same_images(run(pipe), reference)
-    moved = {e.component for e in handle.trace}
-    assert moved == {"text_encoder", "text_encoder_2"}
+    moved = {(e.component, e.action) for e in handle.trace}
+    assert moved == {("text_encoder", "onload"), ("text_encoder", "offload"), ("text_encoder_2", "onload"),
+                     ("text_encoder_2", "offload"), ("unet", "stream")}
     # replacing the policy takes our own sequential hooks away first
     offloadkit.apply(pipe, "diffusers-default", device="cpu")
     assert all(p.device.type == "cpu" for p in pipe.unet.parameters())
