@@ -43,9 +43,6 @@ class Plan:
                 return component
         raise KeyError(name)
 
-    def by_strategy(self, strategy: str) -> tuple[str, ...]:
-        return tuple(c.name for c in self.components if c.strategy == strategy)
-
     def to_dict(self) -> dict:
         return {
             "pipeline": self.pipeline,

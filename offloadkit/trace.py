@@ -80,6 +80,7 @@ class Trace:
     summaries: list = field(default_factory=list)
     _call_peak: int = 0
     _stage_peaks: dict = field(default_factory=dict)
+    _call_first_event: int = 0  # index of the current call's first event: end_call reads no older ones
 
     def place(self, component: str, nbytes: int) -> None:
         """A component put on the device without a traced move (resident strategy on the same device)."""
@@ -121,12 +122,13 @@ class Trace:
 
     def begin_call(self) -> None:
         self.calls += 1
+        self._call_first_event = len(self.events)
         baseline = self.resident_bytes
         self._call_peak = baseline
         self._stage_peaks = {}
 
     def end_call(self, device_peak_bytes: int | None = None) -> None:
-        events = self.for_call(self.calls)
+        events = self.events[self._call_first_event:]
         self.summaries.append(CallSummary(
             call=self.calls,
             bytes_moved=sum(e.bytes for e in events),
@@ -156,6 +158,7 @@ class Trace:
 
     def clear(self) -> None:
         self.events.clear()
+        self._call_first_event = 0
         self.summaries.clear()
 
     def to_json(self) -> str:

@@ -49,3 +49,13 @@ def hooked_submodules(pipe):
 
 def assert_same_images(a, b):
     assert np.array_equal(a, b), f"images differ: max abs diff {np.abs(np.asarray(a) - np.asarray(b)).max()}"
+
+
+def textual_inversion_case():
+    """(embedding, expected images) for a `<cat>` token loaded into a tiny SD pipeline without offload."""
+    from offloadkit.testing import tiny_pipeline
+
+    embedding = torch.randn(32, generator=torch.Generator().manual_seed(1))
+    plain = tiny_pipeline("sd")
+    plain.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
+    return embedding, run(plain, prompt="a <cat>")

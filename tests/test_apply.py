@@ -10,7 +10,14 @@ import offloadkit
 from offloadkit.errors import DeviceError, PipelineError, PolicyError
 from offloadkit.testing import tiny_pipeline
 
-from helpers import assert_same_images, hook_structure, hooked_submodules, model_components, run
+from helpers import (
+    assert_same_images,
+    hook_structure,
+    hooked_submodules,
+    model_components,
+    run,
+    textual_inversion_case,
+)
 
 GOLDEN = Path(__file__).parent / "golden"
 
@@ -329,10 +336,7 @@ def test_pipe_to_device_under_a_policy_is_refused_but_dtype_is_allowed():
 
 
 def test_textual_inversion_keeps_the_model_policy():
-    embedding = torch.randn(32, generator=torch.Generator().manual_seed(1))
-    plain = tiny_pipeline("sd")
-    plain.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
-    expected = run(plain, prompt="a <cat>")
+    embedding, expected = textual_inversion_case()
     pipe = tiny_pipeline("sd")
     handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
     pipe.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")

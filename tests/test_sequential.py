@@ -6,7 +6,7 @@ import torch
 import offloadkit
 from offloadkit.testing import TINY_PIPELINES, tiny_pipeline
 
-from helpers import assert_same_images, hooked_submodules, model_components, run
+from helpers import assert_same_images, hooked_submodules, model_components, run, textual_inversion_case
 
 
 def align_hooks(pipe):
@@ -109,10 +109,7 @@ def test_remove_puts_back_the_models_own_tensors_ties_and_dtype():
 
 def test_textual_inversion_keeps_the_sequential_policy():
     """diffusers' loader strips the hooks, loads, and calls enable_sequential_cpu_offload(): the policy comes back."""
-    embedding = torch.randn(32, generator=torch.Generator().manual_seed(1))
-    plain = tiny_pipeline("sd")
-    plain.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
-    expected = run(plain, prompt="a <cat>")
+    embedding, expected = textual_inversion_case()
 
     pipe = tiny_pipeline("sd")
     handle = offloadkit.apply(pipe, "sequential", device="cpu")
