@@ -17,6 +17,7 @@ import time
 from accelerate.hooks import CpuOffload, UserCpuOffloadHook, add_hook_to_module
 from accelerate.utils import send_to_device
 
+from .compile_safety import compiler_disabled
 from .device import empty_cache, module_device, same_device
 
 HOST = "cpu"
@@ -61,6 +62,7 @@ class ChainOffloadHook(CpuOffload):
                            time.perf_counter() - start)
         return module
 
+    @compiler_disabled
     def pre_forward(self, module, *args, **kwargs):
         previous = self.prev_module_hook
         if previous is not None and not previous.hook.state.keep and previous.hook.state.on_device(previous.model):

@@ -135,13 +135,16 @@ class _InstallContext:
         self.states[name] = state
         return state
 
-    def watch_stream(self, name, module, tier: str) -> None:
-        """Trace a streamed component: its layer loads summed per call."""
+    def stream_stats(self, name, tier: str):
+        """The per-call totals of a component whose weights move piece by piece (one `stream` event a call)."""
         from .streaming import StreamStats
 
-        stats = StreamStats(name, tier)
-        stats.watch(module)
-        self.handle._streams[name] = stats
+        stats = self.handle._streams[name] = StreamStats(name, tier, self.handle.trace)
+        return stats
+
+    def watch_stream(self, name, module, tier: str) -> None:
+        """Trace a component streamed by Accelerate hooks: its layer loads summed per call."""
+        self.stream_stats(name, tier).watch(module)
 
     def remember_weights(self, name, weights):
         self.handle._weights[name] = weights
@@ -328,7 +331,7 @@ class OffloadHandle:
         if offloaded:
             empty_cache(self.device)
         for stats in self._streams.values():
-            stats.flush(self.trace, self.device)
+            stats.flush(self.device)
         device_peak = None
         if self.device.type == "cuda":
             import torch

@@ -78,21 +78,52 @@ def offloading_modules(module):
 
 
 class StreamStats:
-    """Bytes and seconds of one streamed component's layer loads, summed over a call (for the trace).
+    """Bytes and seconds of one streamed component's loads (layers, blocks or groups), summed per call.
 
-    Each offloading Accelerate hook's `pre_forward` (where a layer's weights are put on the device)
-    is timed through an instance attribute, which is what Accelerate calls.
+    The functions that put a piece's weights on the device and drop them again are replaced, on
+    the objects that own them, by wrappers (`loads`, `drops`) that keep the trace's count of
+    streamed bytes on the device (for exact peaks) and this call's totals (one `stream` event
+    per call, at `flush`).
     """
 
-    def __init__(self, component: str, tier: str):
+    def __init__(self, component: str, tier: str, trace):
         self.component = component
         self.tier = tier
+        self.trace = trace
         self.bytes = 0
         self.seconds = 0.0
 
-    def watch(self, module) -> None:
+    def loads(self, load, nbytes: int):
+        """`load` wrapped: its duration and `nbytes` counted, the piece counted as on the device."""
         import time
 
+        from .compile_safety import compiler_disabled
+
+        @compiler_disabled  # bookkeeping: kept out of torch.compile graphs (no guards on the totals)
+        def wrapper(*args, **kwargs):
+            start = time.perf_counter()
+            result = load(*args, **kwargs)
+            self.seconds += time.perf_counter() - start
+            self.bytes += nbytes
+            self.trace.stream_load(self.component, nbytes)
+            return result
+
+        return wrapper
+
+    def drops(self, drop, nbytes: int):
+        """`drop` wrapped: the piece counted as off the device again."""
+        from .compile_safety import compiler_disabled
+
+        @compiler_disabled
+        def wrapper(*args, **kwargs):
+            result = drop(*args, **kwargs)
+            self.trace.stream_drop(nbytes)
+            return result
+
+        return wrapper
+
+    def watch(self, module) -> None:
+        """Count each offloading Accelerate hook's loads (`pre_forward`) and drops (`post_forward`)."""
         for _, sub, keys in offloading_modules(module):
             hook = sub._hf_hook
             for inner in getattr(hook, "hooks", (hook,)):
@@ -100,20 +131,12 @@ class StreamStats:
                     continue
                 tensors = _tensors(sub, inner.place_submodules, inner.offload_buffers)
                 nbytes = sum(t.numel() * t.element_size() for t in tensors)
-                original = inner.pre_forward
+                inner.pre_forward = self.loads(inner.pre_forward, nbytes)
+                inner.post_forward = self.drops(inner.post_forward, nbytes)
 
-                def timed(module, *args, _original=original, _nbytes=nbytes, **kwargs):
-                    start = time.perf_counter()
-                    result = _original(module, *args, **kwargs)
-                    self.seconds += time.perf_counter() - start
-                    self.bytes += _nbytes
-                    return result
-
-                inner.pre_forward = timed
-
-    def flush(self, trace, device) -> None:
+    def flush(self, device) -> None:
         if self.bytes:
-            trace.record(self.component, "stream", self.tier, device, self.bytes, self.seconds)
+            self.trace.record(self.component, "stream", self.tier, device, self.bytes, self.seconds)
         self.bytes, self.seconds = 0, 0.0
 
 

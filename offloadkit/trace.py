@@ -37,13 +37,15 @@ class TraceEvent:
 
     call: int
     component: str
-    action: str  # "onload", "offload", or "stream" (a call's per-layer moves of a streamed component, summed)
+    # "onload", "offload", "prefetch" (an onload started ahead of use, on a side stream where there is one),
+    # or "stream" (a call's piece-by-piece loads of a streamed component, summed)
+    action: str
     source: str
     target: str
     bytes: int
     seconds: float
     at: float  # seconds since apply
-    resident_bytes: int  # on the device after this move, counted from parameter sizes
+    resident_bytes: int  # whole components on the device after this move, counted from parameter sizes
     stage: str
 
 
@@ -75,6 +77,7 @@ class Trace:
     calls: int = 0
     started: float = field(default_factory=time.perf_counter)
     resident: dict = field(default_factory=dict)  # component -> bytes on the device now
+    streaming: int = 0  # bytes of streamed components' pieces (layers, blocks, groups) on the device now
     budget_bytes: int | None = None
     on_exceed: str = "warn"
     summaries: list = field(default_factory=list)
@@ -88,30 +91,48 @@ class Trace:
         self._check_budget(component)
 
     def record(self, component: str, action: str, source, target, nbytes: int, seconds: float) -> None:
-        if action == "onload":
+        onload = action in ("onload", "prefetch")
+        if onload:
             self.resident[component] = nbytes
         elif action == "offload":
             self.resident.pop(component, None)
-        # "stream": each layer is on the device only during its own forward; the resident set is unchanged
+        # "stream": the pieces were counted as they came and went (stream_load / stream_drop)
         total = self.resident_bytes
         stage = stage_of(component)
         self.events.append(TraceEvent(self.calls, component, action, str(source), str(target), nbytes, seconds,
                                       time.perf_counter() - self.started, total, stage))
-        if action == "onload":
-            self._call_peak = max(self._call_peak, total)
-            self._stage_peaks[stage] = max(self._stage_peaks.get(stage, 0), total)
+        if onload:
+            self._peak(stage, total + self.streaming)
             self._check_budget(component)
+
+    def stream_load(self, component: str, nbytes: int) -> None:
+        """A piece of a streamed component was put on the device (called for every layer/block/group)."""
+        self.streaming += nbytes
+        self._peak(stage_of(component), self.resident_bytes + self.streaming)
+        if self.budget_bytes is not None:
+            self._check_budget(component)
+
+    def stream_drop(self, nbytes: int) -> None:
+        self.streaming -= nbytes
+
+    def _peak(self, stage: str, total: int) -> None:
+        if total > self._call_peak:
+            self._call_peak = total
+        if total > self._stage_peaks.get(stage, 0):
+            self._stage_peaks[stage] = total
 
     @property
     def resident_bytes(self) -> int:
         return sum(self.resident.values())
 
     def _check_budget(self, component: str) -> None:
-        total = self.resident_bytes
+        total = self.resident_bytes + self.streaming
         if self.budget_bytes is None or total <= self.budget_bytes:
             return
         listed = ", ".join(f"{name} {format_bytes(size)}" for name, size in sorted(self.resident.items()))
-        message = (f"{format_bytes(total)} resident on the device after {component!r} was onloaded, over the "
+        if self.streaming:
+            listed += f", streamed pieces {format_bytes(self.streaming)}"
+        message = (f"{format_bytes(total)} on the device after {component!r} was onloaded, over the "
                    f"policy's budget of {format_bytes(self.budget_bytes)} ({listed}). Offload more components "
                    "or raise `budget.device_memory`")
         if self.on_exceed == "error":
@@ -123,8 +144,8 @@ class Trace:
     def begin_call(self) -> None:
         self.calls += 1
         self._call_first_event = len(self.events)
-        baseline = self.resident_bytes
-        self._call_peak = baseline
+        self.streaming = 0  # a failed forward may have skipped its drop: each call counts afresh
+        self._call_peak = self.resident_bytes
         self._stage_peaks = {}
 
     def end_call(self, device_peak_bytes: int | None = None) -> None:

@@ -27,10 +27,19 @@ def test_mixed_policy_encoders_model_unet_group_vae_resident():
     assert group_enabled(pipe.unet) and not group_enabled(pipe.text_encoder)
     for _ in range(2):
         assert_same_images(run(pipe), reference)
-    # the chain around the group-offloaded model still runs in order
+    # the chain runs in plan order, then the UNet's groups stream (summed into one event per call)
     assert [(e.component, e.action) for e in handle.trace.for_call(2)] == [
         ("text_encoder", "onload"), ("text_encoder", "offload"),
-        ("text_encoder_2", "onload"), ("text_encoder_2", "offload")]
+        ("text_encoder_2", "onload"), ("text_encoder_2", "offload"), ("unet", "stream")]
+    unet_bytes, vae_bytes = handle.plan.component("unet").bytes, handle.plan.component("vae").bytes
+    stream = handle.trace.for_call(2)[-1]
+    assert stream.bytes == 2 * unet_bytes  # two denoising steps: every group loaded once per step
+    # residency as planned: the VAE stays on the device throughout, the UNet never whole
+    assert all(e.resident_bytes >= vae_bytes for e in handle.trace.for_call(2))
+    assert set(handle.trace.resident) == {"vae"}
+    # while denoising, the VAE plus one group at a time (never the whole UNet) is on the device
+    denoise_peak = handle.trace.calls_summary()[1].stage_peak_bytes["denoise"]
+    assert vae_bytes < denoise_peak < vae_bytes + unet_bytes
     handle.remove()
     assert not group_enabled(pipe.unet)
     assert_same_images(run(pipe), reference)

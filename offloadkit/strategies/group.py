@@ -67,7 +67,27 @@ def install(ctx, name, module, rule, previous):
         low_cpu_mem_usage=rule.low_cpu_mem_usage,
         block_modules=rule.block_modules,
     )
+    _watch_groups(ctx.stream_stats(name, tier="cpu"), module)
     return None
+
+
+def _watch_groups(stats, module) -> None:
+    """Count every group's onload and offload (the engine calls `group.onload_()` / `offload_()` on the group)."""
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    groups = {}
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook(_GROUP_OFFLOADING) if isinstance(registry, HookRegistry) else None
+        if hook is not None:
+            groups[id(hook.group)] = hook.group
+    for group in groups.values():
+        tensors = {id(t): t for m in group.modules for t in (*m.parameters(), *m.buffers())}
+        tensors.update((id(t), t) for t in (*group.parameters, *group.buffers))
+        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        group.onload_ = stats.loads(group.onload_, nbytes)
+        group.offload_ = stats.drops(group.offload_, nbytes)
 
 
 def uninstall(handle, name, module):
