@@ -38,6 +38,9 @@ Methods (each in its own fresh child process: peak VRAM and host RSS are per met
   ok-default            offloadkit.apply(pipe, "diffusers-default")
   ok-copy-free          {"*": {"strategy": "model", "transfer": "copy-free"}}
   ok-pinned             {"*": {"strategy": "model", "transfer": "pinned"}}
+  ok-pinned-prefetch    {"*": {"strategy": "model", "transfer": "pinned", "prefetch": true}}
+                        (time per call and peaks only: its uploads overlap the previous
+                        model's work, so per-transition timing does not apply)
   ok-sequential         offloadkit.apply(pipe, "sequential")
   ok-group-stream       diffusers-default, but {"unet": {"strategy": "group", "use_stream": true,
                         "record_stream": true}} (block_level, 1 block per group)
@@ -132,13 +135,14 @@ from benchkit import read_status, reset_hwm, ru_maxrss_bytes
 NO_CUDA_MESSAGE = "no CUDA device: this benchmark needs a GPU; nothing measured"
 
 METHODS = ("none", "diffusers-model", "diffusers-sequential", "diffusers-group", "ok-default", "ok-copy-free",
-           "ok-pinned", "ok-sequential", "ok-group-stream", "ok-disk")
+           "ok-pinned", "ok-pinned-prefetch", "ok-sequential", "ok-group-stream", "ok-disk")
 # Methods that cannot run on the CPU, and why.
 NEEDS_ACCELERATOR = {
     "diffusers-sequential": "diffusers makes the device `cpu:0`, on which Accelerate's per-layer meta swap fails "
                             "(TypeError in post_forward); offloadkit's `sequential` normalises it to `cpu`",
     "diffusers-group": "use_stream=True needs CUDA streams",
     "ok-pinned": "`transfer: pinned` needs an accelerator (offloadkit refuses it on the CPU)",
+    "ok-pinned-prefetch": "`transfer: pinned` needs an accelerator (offloadkit refuses it on the CPU)",
     "ok-group-stream": "`use_stream: true` needs CUDA streams (offloadkit refuses it on the CPU)",
 }
 # Whole-model offload with CpuOffload-style hooks: their component transitions are timed.
@@ -151,6 +155,7 @@ LABELS = {
     "ok-default": "offloadkit diffusers-default",
     "ok-copy-free": "offloadkit model, transfer copy-free",
     "ok-pinned": "offloadkit model, transfer pinned",
+    "ok-pinned-prefetch": "offloadkit model, pinned + prefetch",
     "ok-sequential": "offloadkit sequential",
     "ok-group-stream": "offloadkit unet group+stream, rest default",
     "ok-disk": "offloadkit disk, granularity block",
@@ -440,6 +445,9 @@ def policy_for(method: str, folder: str, device_type: str, no_stream: bool):
     if method == "ok-pinned":
         return {"version": 1, "name": "bench-pinned", "components": {"*": {"strategy": "model",
                                                                        "transfer": "pinned"}}}
+    if method == "ok-pinned-prefetch":
+        return {"version": 1, "name": "bench-pinned-prefetch", "components": {"*": {
+            "strategy": "model", "transfer": "pinned", "prefetch": True}}}
     if method == "ok-group-stream":
         stream = not no_stream
         return {"version": 1, "name": "bench-group-stream", "extends": "diffusers-default",

@@ -7,7 +7,9 @@ the predecessor in the chain) and also:
 - tracks residency itself, so a move is recorded once, also on CPU where
   `cpu` and `cpu:0` differ only by name and `CpuOffload` would "move" every step;
 - records each onload/offload in the trace with bytes and seconds;
-- works for components without parameters (`CpuOffload` raises StopIteration).
+- works for components without parameters (`CpuOffload` raises StopIteration);
+- can start the upload of the next model in the chain (`prefetch`) when its own
+  forward runs, so that upload overlaps this model's work.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from accelerate.utils import send_to_device
 
 from .compile_safety import compiler_disabled
 from .device import empty_cache, module_device, same_device
+from .trace import stage_of
 
 HOST = "cpu"
 
@@ -46,6 +49,8 @@ class ChainOffloadHook(CpuOffload):
     def __init__(self, execution_device, prev_module_hook, state: ComponentState):
         super().__init__(execution_device=execution_device, prev_module_hook=prev_module_hook)
         self.state = state
+        self.prefetch_next = None  # (hook, module) of the next model in the chain when it is prefetched
+        self.stream = None  # the side stream prefetches of this component run on (CUDA), else None
 
     def init_hook(self, module):
         """Offload to host RAM (also what `UserCpuOffloadHook.offload()` calls)."""
@@ -68,11 +73,25 @@ class ChainOffloadHook(CpuOffload):
         if previous is not None and not previous.hook.state.keep and previous.hook.state.on_device(previous.model):
             previous.offload()
             empty_cache(self.execution_device)
+        moved = self._onload(module)
+        self.state.trace.running(self.state.name)
+        # queued after this model's own upload, which is needed first
+        following = self.prefetch_next
+        if following is not None and not following[0].state.resident:
+            following[0].prefetch(following[1], during=self.state.name)
+        if not moved:
+            return args, kwargs
+        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+
+    def _onload(self, module) -> bool:
+        """Put the module on the execution device unless it is there; True when it moved."""
         state = self.state
         if state.resident:
+            if state.host_copy is not None:
+                state.host_copy.wait(self.execution_device)  # a prefetch's copies end before first use
             current = module_device(module)
             if current is None or same_device(current, self.execution_device):
-                return args, kwargs
+                return False
         start = time.perf_counter()
         if state.host_copy is not None:
             state.host_copy.onload(self.execution_device)
@@ -81,11 +100,25 @@ class ChainOffloadHook(CpuOffload):
         state.resident = True
         state.trace.record(state.name, "onload", HOST, self.execution_device, state.nbytes,
                            time.perf_counter() - start)
-        return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
+        return True
+
+    def prefetch(self, module, during: str) -> None:
+        """Start the upload now, as the model before it in the chain (`during`) starts its forward."""
+        state = self.state
+        start = time.perf_counter()
+        state.host_copy.onload(self.execution_device, stream=self.stream)
+        state.resident = True
+        # On CUDA the seconds are the host's time queueing the copies; the copies themselves overlap.
+        state.trace.record(state.name, "prefetch", HOST, self.execution_device, state.nbytes,
+                           time.perf_counter() - start, stage=stage_of(during))
 
 
-def attach_chain_hook(ctx, name, module, previous, keep: bool = False, transfer: str = "standard"):
-    """Install a chain hook on `module`, offloaded by the next one; returns the handle the next one needs."""
+def attach_chain_hook(ctx, name, module, previous, keep: bool = False, transfer: str = "standard",
+                      prefetch: bool = False):
+    """Install a chain hook on `module`, offloaded by the next one; returns the handle the next one needs.
+
+    With `prefetch`, the previous model's hook starts this one's upload when it runs.
+    """
     from .transfers import HostCopy
 
     state = ctx.state_for(name, module)
@@ -95,6 +128,9 @@ def attach_chain_hook(ctx, name, module, previous, keep: bool = False, transfer:
             module.to(HOST)
         state.host_copy = HostCopy(module, pinned=transfer == "pinned")
     hook = ChainOffloadHook(ctx.device, previous, state)
+    if prefetch and previous is not None:  # the plan leaves the first model of a wildcard rule without one
+        hook.stream = ctx.prefetch_stream()
+        previous.hook.prefetch_next = (hook, module)
     add_hook_to_module(module, hook, append=False)
     ctx.hooked[name] = hook
     return UserCpuOffloadHook(module, hook)

@@ -146,6 +146,16 @@ class _InstallContext:
         """Trace a component streamed by Accelerate hooks: its layer loads summed per call."""
         self.stream_stats(name, tier).watch(module)
 
+    def prefetch_stream(self):
+        """One side stream per handle for prefetches, on CUDA; None elsewhere (prefetches copy at once)."""
+        if self.device.type != "cuda":
+            return None
+        if self.handle._prefetch_stream is None:
+            import torch
+
+            self.handle._prefetch_stream = torch.cuda.Stream(self.device)
+        return self.handle._prefetch_stream
+
     def remember_weights(self, name, weights):
         self.handle._weights[name] = weights
 
@@ -186,7 +196,8 @@ class OffloadHandle:
         self._states: dict = {}  # component -> residency state, for chained components
         self._saved_devices: dict = {}
         self._weights: dict = {}  # original tensors kept by strategies that leave meta tensors behind
-        self._streams: dict = {}  # component -> StreamStats, for streamed (sequential/disk) components
+        self._streams: dict = {}  # component -> StreamStats, for streamed (sequential/disk/group) components
+        self._prefetch_stream = None  # the CUDA side stream of `prefetch` uploads, made when first needed
         self._diffusers_offload_device = None  # set when apply replaced enable_model_cpu_offload
         self._tmp = None  # temporary folder of disk-tier files
         self._tmp_cleanup = None

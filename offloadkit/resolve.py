@@ -137,8 +137,23 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
         if problems:
             raise PolicyError(problems)
 
-    plans = []
     position = {name: i for i, name in enumerate(sequence)}
+    for name in models:
+        if not options[name].get("prefetch") or position.get(name, 0) > 0:
+            continue
+        if name in policy.components:
+            where = "is first in `sequence`" if name in position else "is not in `sequence`"
+            problems.append(located_problem(
+                policy, ("components", name, "prefetch"),
+                f"{name!r} {where}, so there is no model before it whose work its upload could overlap. "
+                "Remove `prefetch`, or put it after another model in `sequence`", key=True))
+        else:  # a `*` rule: the models with a predecessor prefetch, the first cannot
+            options[name] = {**options[name], "prefetch": False}
+            reasons[name] += " (no model before it in the chain: not prefetched)"
+    if problems:
+        raise PolicyError(problems)
+
+    plans = []
     for name, component in models.items():
         strategy = STRATEGIES[strategies[name]]
         reason = reasons[name]
@@ -150,6 +165,8 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
             else:
                 offloaded_by = sequence[index + 1] if index + 1 < len(sequence) else END_OF_CALL
             home, runs_on = HOST, device
+            if options[name].get("prefetch"):
+                reason += f"; prefetched while {sequence[index - 1]} runs"
             if options[name].get("keep_on_device"):
                 offloaded_by = "never (kept after first use)"
                 reason = reason.replace("; not in sequence: own hook, offloaded at end of call", "")

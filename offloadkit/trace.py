@@ -90,7 +90,9 @@ class Trace:
         self.resident[component] = nbytes
         self._check_budget(component)
 
-    def record(self, component: str, action: str, source, target, nbytes: int, seconds: float) -> None:
+    def record(self, component: str, action: str, source, target, nbytes: int, seconds: float,
+               stage: str | None = None) -> None:
+        """One move. `stage` defaults to the component's own (a prefetch happens during its predecessor's)."""
         onload = action in ("onload", "prefetch")
         if onload:
             self.resident[component] = nbytes
@@ -98,12 +100,16 @@ class Trace:
             self.resident.pop(component, None)
         # "stream": the pieces were counted as they came and went (stream_load / stream_drop)
         total = self.resident_bytes
-        stage = stage_of(component)
+        stage = stage or stage_of(component)
         self.events.append(TraceEvent(self.calls, component, action, str(source), str(target), nbytes, seconds,
                                       time.perf_counter() - self.started, total, stage))
         if onload:
             self._peak(stage, total + self.streaming)
             self._check_budget(component)
+
+    def running(self, component: str) -> None:
+        """A hooked component's forward starts: what is on the device now counts for its stage's peak."""
+        self._peak(stage_of(component), self.resident_bytes + self.streaming)
 
     def stream_load(self, component: str, nbytes: int) -> None:
         """A piece of a streamed component was put on the device (called for every layer/block/group)."""

@@ -4,6 +4,11 @@ Inference weights do not change, so moving a component back to host RAM need not
 copy anything: the device tensors are dropped and the parameters point at the
 host copy again (`copy-free`). With `pinned`, the host copy lives in page-locked
 memory and onloads are non-blocking copies, which the GPU can overlap.
+
+A prefetch (`onload(device, stream)`) makes the copies on a side stream. The device
+memory is allocated on the compute stream (so the allocator never hands it to other
+work while the copy runs), the side stream first waits for the compute stream's
+queued work, and the compute stream waits for the copies (`wait`) before first use.
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ class HostCopy:
     def __init__(self, module, pinned: bool = False):
         self.pinned = pinned
         self.entries = []
+        self.pending = None  # the event that ends a prefetch's copies, until the compute stream waits for it
         seen = set()
         for sub in module.modules():
             for table in (sub._parameters, sub._buffers):
@@ -37,14 +43,44 @@ class HostCopy:
         self.entries[index] = (tensor, host)
         return host
 
-    def onload(self, device) -> None:
+    def _hosts(self):
         for index, (tensor, host) in enumerate(self.entries):
             current = tensor.data
             if current.device.type == "cpu" and current.data_ptr() != host.data_ptr():
                 host = self._keep(index, tensor, current)  # replaced on the host (e.g. cast): the new one counts
-            tensor.data = host.to(device, non_blocking=self.pinned)
+            yield tensor, host
+
+    def onload(self, device, stream=None) -> None:
+        """Put the weights on `device`; with a CUDA `stream`, as copies queued on it (then `wait` before use)."""
+        if stream is None:
+            for tensor, host in self._hosts():
+                tensor.data = host.to(device, non_blocking=self.pinned)
+            return
+        import torch
+
+        compute = torch.cuda.current_stream(device)
+        pairs = [(tensor, host, torch.empty_like(host, device=device)) for tensor, host in self._hosts()]
+        stream.wait_stream(compute)
+        with torch.cuda.stream(stream):
+            for tensor, host, target in pairs:
+                target.copy_(host, non_blocking=True)
+            self.pending = torch.cuda.Event()
+            self.pending.record(stream)
+        for tensor, _, target in pairs:
+            tensor.data = target
+
+    def wait(self, device) -> None:
+        """Make the compute stream wait for a prefetch's copies (no host synchronisation)."""
+        if self.pending is not None:
+            import torch
+
+            torch.cuda.current_stream(device).wait_event(self.pending)
+            self.pending = None
 
     def offload(self) -> None:
+        if self.pending is not None:  # prefetched but never used: the copies must end before their memory goes
+            self.pending.synchronize()
+            self.pending = None
         # Drop the device copies: the host tensors still hold the same values, unless the model was
         # converted while on the device (SDXL's pipeline upcasts its VAE to float32 mid-call): then copy back.
         for index, (tensor, host) in enumerate(self.entries):

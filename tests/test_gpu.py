@@ -88,3 +88,19 @@ def test_group_with_streams_on_cuda():
     offloadkit.apply(pipe, {"version": 1, "device": "cuda", "components": {"unet": {
         "strategy": "group", "use_stream": True, "record_stream": True}}})
     np.testing.assert_allclose(run(pipe), reference, atol=1e-5)
+
+
+def test_prefetch_on_a_side_stream_on_cuda():
+    pipe = tiny_pipeline("sdxl")
+    reference = run(pipe.to("cuda"))
+    pipe.to("cpu")
+    handle = offloadkit.apply(pipe, {"version": 1, "device": "cuda", "components": {
+        "*": {"strategy": "model", "transfer": "pinned", "prefetch": True}}})
+    assert isinstance(pipe.unet._hf_hook.stream, torch.cuda.Stream)
+    for _ in range(3):
+        np.testing.assert_allclose(run(pipe), reference, atol=1e-5)
+    actions = [(e.component, e.action) for e in handle.trace.for_call(3)]
+    assert ("unet", "prefetch") in actions and ("unet", "onload") not in actions
+    torch.cuda.synchronize()
+    assert torch.cuda.memory_allocated() < 1024 * 1024  # nothing left on the device between calls
+    handle.remove()

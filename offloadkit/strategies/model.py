@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
 from .base import Strategy, StrategyRule, register
 
@@ -34,12 +34,27 @@ class ModelRule(StrategyRule):
         "copies instead of copying unchanged weights back. `pinned`: copy-free with a page-locked host copy "
         "and non-blocking onloads (accelerators only).",
     )
+    prefetch: bool = Field(
+        False,
+        description="Start this model's upload while the model before it in `sequence` computes (on a side "
+        "stream on CUDA, so the copy overlaps that work; at once elsewhere). Both are on the device meanwhile. "
+        "Needs `transfer: pinned` (or `copy-free`, which cannot overlap on CUDA).",
+    )
+
+    @model_validator(mode="after")
+    def _prefetch_copies_from_the_host_copy(self):
+        if self.prefetch and self.transfer == "standard":
+            raise ValueError("`prefetch: true` needs `transfer: pinned` (the upload is copied from a kept host copy "
+                             "on a side stream; pinned memory is what lets it overlap). Add `transfer: pinned`, or "
+                             "'copy-free' on the CPU")
+        return self
 
 
 def install(ctx, name, module, rule, previous):
     from ..hooks import attach_chain_hook
 
-    return attach_chain_hook(ctx, name, module, previous, keep=rule.keep_on_device, transfer=rule.transfer)
+    return attach_chain_hook(ctx, name, module, previous, keep=rule.keep_on_device, transfer=rule.transfer,
+                             prefetch=rule.prefetch)
 
 
 def check(rule: ModelRule, device_type: str) -> str | None:
