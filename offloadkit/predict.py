@@ -1,0 +1,450 @@
+"""Predicting a pipeline call under a policy before anything is loaded: memory per stage, bytes moved, time.
+
+A plan (policy resolved against a pipeline) is replayed against the call's
+schedule (`schedule.py`: which models run, in what order) with the same rules
+the runtime hooks follow, so the weight bytes it predicts per stage are the
+bytes `handle.trace` records (checked exactly in the tests). On top of the
+weights it adds each stage's working memory (`activations.py`) and, with a
+hardware profile, the time the transfers take.
+
+What is predicted, per stage (encode, denoise, decode):
+- weights on the device at the stage's peak, and the tiers of the rest (host RAM, disk);
+- the peak device memory: weights at each forward plus that forward's working memory;
+- the bytes moved (onloads, offloads, prefetches, streamed pieces) and their seconds.
+
+Transfer times are bytes over the profile's bandwidths: pageable or pinned
+host-to-device by the strategy's transfer, device-to-host for `standard`
+offloads (copy-free ones drop the device copy), disk reads for the disk tier.
+Copies that overlap compute (prefetches, group offloading with streams) are
+reported apart, as overlapped: without a compute model they are not on the
+critical path only when the work they overlap is longer than they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+from .plans import Plan, format_bytes
+from .schedule import CallSchedule, CallSettings
+from .streams import StreamProfile, stream_profile
+from .trace import STAGES, stage_of
+
+STREAMED = ("sequential", "disk", "group")
+
+
+@dataclass(frozen=True)
+class PredictedEvent:
+    """One predicted move, as `handle.trace` would record it (call 1 is the first call after apply)."""
+
+    call: int
+    component: str
+    action: str  # onload, offload, prefetch, stream
+    bytes: int
+    stage: str
+    seconds: float | None  # None without a hardware profile
+    overlapped: bool = False
+
+
+@dataclass(frozen=True)
+class StagePrediction:
+    stage: str
+    # component weights on the device at the stage's peak, as the trace counts them (None: no hooked
+    # component runs in the stage, so the trace records no peak for it; device_peak_bytes still counts)
+    weights_bytes: int | None
+    working_bytes: int | None  # working memory of the forward at that peak (None: not estimated)
+    device_peak_bytes: int  # max over the stage's forwards of weights + working memory
+    host_bytes: int  # weights held in host RAM at that moment
+    disk_bytes: int  # weights held on disk
+    bytes_moved: int
+    transfer_seconds: float | None
+    overlapped_seconds: float | None
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What one call of a pipeline under a plan is predicted to do. `str()` is a report; `to_dict()` is stable."""
+
+    pipeline: str
+    policy: str
+    device: str
+    hardware: str | None
+    settings: dict
+    schedule: str  # e.g. "text_encoder x2, unet x30, vae x1"
+    schedule_assumed: bool
+    stages: tuple[StagePrediction, ...]
+    bytes_moved: int
+    transfer_seconds: float | None
+    overlapped_seconds: float | None
+    weights_peak_bytes: int
+    device_peak_bytes: int
+    runtime_overhead_bytes: int  # CUDA context and library workspaces: added when checking a card's memory
+    first_call_bytes_moved: int
+    notes: tuple[str, ...] = ()
+    events: tuple[PredictedEvent, ...] = field(default=(), repr=False, compare=False)
+
+    @property
+    def required_device_bytes(self) -> int:
+        """What the card must have free: the peak plus the runtime's own overhead."""
+        return self.device_peak_bytes + self.runtime_overhead_bytes
+
+    def stage(self, name: str) -> StagePrediction:
+        for stage in self.stages:
+            if stage.stage == name:
+                return stage
+        raise KeyError(name)
+
+    def to_dict(self) -> dict:
+        data = asdict(self)
+        data.pop("events")
+        data["required_device_bytes"] = self.required_device_bytes
+        return data
+
+    def __str__(self) -> str:
+        hardware = f" with hardware {self.hardware!r}" if self.hardware else ""
+        s = self.settings
+        size = f"{s['height']}x{s['width']}" + (f"x{s['num_frames']} frames" if s.get("num_frames") else "")
+        lines = [f"{self.pipeline} under policy {self.policy!r} on {self.device}{hardware}",
+                 f"call: {size}, {s['steps']} steps, batch {s['batch']}, guidance {'on' if s['guidance'] else 'off'}"
+                 f"; forwards: {self.schedule}" + (" (assumed)" if self.schedule_assumed else ""), ""]
+        rows = [("stage", "weights on dev", "working mem", "device peak", "host RAM", "disk", "moved", "transfer s",
+                 "overlapped s")]
+        for st in self.stages:
+            rows.append((st.stage, format_bytes(st.weights_bytes), format_bytes(st.working_bytes),
+                         format_bytes(st.device_peak_bytes), format_bytes(st.host_bytes), format_bytes(st.disk_bytes),
+                         format_bytes(st.bytes_moved), _seconds(st.transfer_seconds), _seconds(st.overlapped_seconds)))
+        rows.append(("call", format_bytes(self.weights_peak_bytes), "", format_bytes(self.device_peak_bytes), "", "",
+                     format_bytes(self.bytes_moved), _seconds(self.transfer_seconds),
+                     _seconds(self.overlapped_seconds)))
+        widths = [max(len(str(r[i])) for r in rows) for i in range(len(rows[0]))]
+        for row in rows:
+            lines.append("  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(row, widths))))
+        lines.append("")
+        lines.append(f"peak device memory {format_bytes(self.device_peak_bytes)} + runtime overhead "
+                     f"{format_bytes(self.runtime_overhead_bytes)} = {format_bytes(self.required_device_bytes)} needed")
+        if self.first_call_bytes_moved != self.bytes_moved:
+            lines.append(f"first call moves {format_bytes(self.first_call_bytes_moved)} (later calls: the figures above)")
+        lines.extend(f"note: {n}" for n in self.notes)
+        return "\n".join(lines)
+
+
+def _seconds(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+# --------------------------------------------------------------------------------------------------
+# Replaying the runtime's rules
+# --------------------------------------------------------------------------------------------------
+
+class _StagePeak:
+    """Within one stage of one call: the trace's weights peak, and the device peak with its moment."""
+
+    def __init__(self):
+        self.traced = None  # weights as the trace counts them (None: no hooked component ran in the stage)
+        self.device = 0  # weights + working memory, the most at any forward
+        self.working = None
+        self.tiers = (0, 0)  # (host, disk) bytes of weights at that forward
+
+
+class _Replay:
+    """The trace's bookkeeping, driven by the schedule instead of hooks (see hooks.py, trace.py)."""
+
+    def __init__(self, plan: Plan, streams: dict, working: dict, cost):
+        self.plan = plan
+        self.streams = streams  # component -> StreamProfile
+        self.working = working  # component -> working memory of one forward
+        self.cost = cost  # (component, action, bytes) -> (seconds or None, overlapped)
+        self.components = {c.name: c for c in plan.components}
+        self.chained = [c.name for c in plan.components if c.strategy == "model"]
+        self.resident = {c.name: c.bytes or 0 for c in plan.components if c.strategy == "resident"}
+        self.events: list = []
+        self.call = 0
+
+    def _record(self, component, action, nbytes, stage=None):
+        seconds, overlapped = self.cost(component, action, nbytes)
+        self.events.append(PredictedEvent(self.call, component, action, nbytes, stage or stage_of(component),
+                                          seconds, overlapped))
+
+    def _traced(self, stage, weights):
+        peak = self.stages.setdefault(stage, _StagePeak())
+        peak.traced = max(peak.traced or 0, weights)
+        self.call_peak = max(self.call_peak, weights)
+
+    def _device(self, stage, weights, working):
+        peak = self.stages.setdefault(stage, _StagePeak())
+        device = weights + (working or 0)
+        if device > peak.device:
+            peak.device, peak.working, peak.tiers = device, working, self._tiers()
+
+    def _tiers(self):
+        """(host, disk) bytes of weights now."""
+        host = disk = 0
+        for c in self.plan.components:
+            size = c.bytes or 0
+            if c.strategy == "disk":
+                disk += size
+            elif c.strategy in ("sequential", "group"):
+                host += size
+            elif c.strategy == "model" and (c.options.get("transfer", "standard") != "standard"
+                                            or c.name not in self.resident):
+                host += size
+        return host, disk
+
+    def _offload(self, name):
+        self._record(name, "offload", self.resident.pop(name))
+
+    def run_call(self, forwards) -> None:
+        self.call += 1
+        self.stages: dict = {}  # stage -> _StagePeak
+        self.call_peak = sum(self.resident.values())
+        streamed: dict = {}
+        sequence = self.plan.sequence
+        for name in forwards:
+            c = self.components.get(name)
+            if c is None or c.strategy == "skip":
+                continue
+            stage = stage_of(name)
+            if c.strategy == "model":  # ChainOffloadHook.pre_forward
+                index = c.chain_index
+                if index:
+                    previous = self.components[sequence[index - 1]]
+                    if not previous.options.get("keep_on_device") and previous.name in self.resident:
+                        self._offload(previous.name)
+                if name not in self.resident:
+                    self.resident[name] = c.bytes or 0
+                    self._record(name, "onload", c.bytes or 0)
+                    self._traced(stage, sum(self.resident.values()))
+                self._traced(stage, sum(self.resident.values()))
+                following = sequence[index + 1] if index is not None and index + 1 < len(sequence) else None
+                if following and self.components[following].options.get("prefetch") \
+                        and following not in self.resident:
+                    self.resident[following] = self.components[following].bytes or 0
+                    self._record(following, "prefetch", self.resident[following], stage=stage)
+                    self._traced(stage, sum(self.resident.values()))
+                weights = sum(self.resident.values())
+            elif c.strategy in STREAMED:  # pieces loaded and dropped inside the forward
+                profile: StreamProfile = self.streams[name]
+                streamed[name] = streamed.get(name, 0) + profile.per_forward
+                weights = sum(self.resident.values()) + profile.peak
+                self._traced(stage, weights)
+            else:  # resident: no hook, so the trace sees nothing; the device does
+                weights = sum(self.resident.values())
+            self._device(stage, weights, self.working.get(name))
+        for name in self.chained:  # OffloadHandle.end_call
+            if not self.components[name].options.get("keep_on_device") and name in self.resident:
+                self._offload(name)
+        for c in self.plan.components:
+            if c.name in streamed:
+                self._record(c.name, "stream", streamed[c.name])
+
+
+# --------------------------------------------------------------------------------------------------
+# Public entry points
+# --------------------------------------------------------------------------------------------------
+
+def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: CallSettings, *, hardware=None,
+                 working_memory=None, runtime_overhead: int = 0, calls: int = 2) -> Prediction:
+    """Replay `plan` for `calls` calls of `schedule`; the figures are those of the last call.
+
+    `modules` are the pipeline's models (built on `meta` or loaded) by name; `working_memory`,
+    if given, maps a component name to the working memory of one of its forwards.
+    """
+    streams = {}
+    for c in plan.components:
+        if c.strategy in STREAMED:
+            streams[c.name] = stream_profile(modules[c.name], c.strategy, c.options)
+    working = dict(working_memory or {})
+    replay = _Replay(plan, streams, working, _bandwidths(plan, hardware))
+    for _ in range(calls):
+        replay.run_call(schedule.forwards)
+    last = replay.call
+    events = [e for e in replay.events if e.call == last]
+    first = [e for e in replay.events if e.call == 1]
+    stages = []
+    timed = hardware is not None
+    for stage in STAGES:
+        peak = replay.stages.get(stage)
+        stage_events = [e for e in events if e.stage == stage]
+        if peak is None and not stage_events:
+            continue
+        peak = peak or _StagePeak()
+        stages.append(StagePrediction(
+            stage=stage,
+            weights_bytes=peak.traced,
+            working_bytes=peak.working,
+            device_peak_bytes=peak.device,
+            host_bytes=peak.tiers[0],
+            disk_bytes=peak.tiers[1],
+            bytes_moved=sum(e.bytes for e in stage_events),
+            transfer_seconds=sum(e.seconds for e in stage_events if not e.overlapped) if timed else None,
+            overlapped_seconds=sum(e.seconds for e in stage_events if e.overlapped) if timed else None,
+        ))
+    counts = {}
+    for name in schedule.forwards:
+        counts[name] = counts.get(name, 0) + 1
+    notes = []
+    if working_memory is None:
+        notes.append("working memory not estimated: the device peak counts weights only")
+    for c in plan.components:
+        if c.strategy == "skip":
+            notes.append(f"{c.name!r} is skipped: offloadkit does not manage it, so its weights are not counted")
+    return Prediction(
+        pipeline=plan.pipeline,
+        policy=plan.policy,
+        device=plan.device,
+        hardware=getattr(hardware, "name", None),
+        settings={k: v for k, v in asdict(settings).items()},
+        schedule=", ".join(f"{n} x{k}" for n, k in counts.items()),
+        schedule_assumed=schedule.assumed,
+        stages=tuple(stages),
+        bytes_moved=sum(e.bytes for e in events),
+        transfer_seconds=sum(e.seconds for e in events if not e.overlapped) if timed else None,
+        overlapped_seconds=sum(e.seconds for e in events if e.overlapped) if timed else None,
+        weights_peak_bytes=replay.call_peak,
+        device_peak_bytes=max((s.device_peak_bytes for s in stages), default=0),
+        runtime_overhead_bytes=runtime_overhead,
+        first_call_bytes_moved=sum(e.bytes for e in first),
+        notes=tuple(notes),
+        events=tuple(replay.events),
+    )
+
+
+def _bandwidths(plan: Plan, hardware):
+    """(component, action, bytes) -> (seconds or None, overlapped) under the hardware profile."""
+    components = {c.name: c for c in plan.components}
+
+    def cost(name, action, nbytes):
+        if hardware is None:
+            return None, action == "prefetch"
+        c = components[name]
+        pinned, pageable = hardware.h2d_pinned, hardware.h2d_pageable
+        d2h = getattr(hardware, "d2h", None) or pageable
+        transfer = c.options.get("transfer", "standard")
+        if action in ("onload", "prefetch"):
+            rate = pinned if transfer == "pinned" else pageable
+            return nbytes / rate, action == "prefetch"
+        if action == "offload":
+            return (nbytes / d2h if transfer == "standard" else 0.0), False
+        # stream
+        if c.strategy == "disk":
+            return nbytes / hardware.disk_read + nbytes / pageable, False
+        if c.strategy == "group" and c.options.get("use_stream"):
+            return nbytes / pinned, True
+        return nbytes / pageable, False
+
+    return cost
+
+
+def predict(source, policy, *, hardware=None, settings: CallSettings | None = None, device=None) -> Prediction:
+    """Predict one call of a pipeline under `policy`, before loading any weights.
+
+    `source` is a built-in architecture name (`offloadkit.sizing.architecture_names()`), a model
+    folder (model_index.json + configs), or a loaded pipeline. `hardware` is a profile (name,
+    path or `HardwareProfile`) for times and the runtime overhead; `settings` the call's size.
+
+    Example::
+
+        print(offloadkit.predict("sdxl", "diffusers-default", hardware="rtx-4090-24gb"))
+    """
+    from .device import device_label
+    from .loading import load
+    from .resolve import resolve
+    from .schedule import family_of, schedule
+
+    policy = load(policy)
+    profile = _hardware(hardware)
+    settings = settings or CallSettings()
+    spec, modules, force_zeros = _source(source, settings.dtype)
+    settings = settings.resolved(family_of(spec.class_name))
+    notes = []
+    target = device or (profile.device if profile is not None else None) or policy.device
+    target = device_label(str(target))
+    if target == "auto":
+        target = "cuda:0"
+        notes.append("device `auto` predicted as cuda:0")
+    plan = resolve(policy, spec, target)
+    present = [c.name for c in spec.components if c.is_model and c.present]
+    call = schedule(spec.class_name, present, settings, offload_seq=spec.offload_seq or (),
+                    force_zeros_for_empty_prompt=force_zeros)
+    working, overhead = _working_memory(modules, settings, target)
+    if working is None:
+        notes.append("working memory not estimated (offloadkit.activations unavailable)")
+    prediction = predict_plan(plan, modules, call, settings, hardware=profile, working_memory=working,
+                              runtime_overhead=overhead)
+    if notes:
+        prediction = _with_notes(prediction, notes)
+    return prediction
+
+
+def _with_notes(prediction: Prediction, notes) -> Prediction:
+    from dataclasses import replace
+
+    return replace(prediction, notes=tuple(notes) + prediction.notes)
+
+
+def _hardware(hardware):
+    if hardware is None:
+        return None
+    from .hardware import load_hardware
+
+    return load_hardware(hardware)
+
+
+_BUILT: dict = {}  # (folder, dtype) -> models on meta: built once per process, only read afterwards
+
+
+def _source(source, dtype):
+    """(PipelineSpec with sizes, models by name, force_zeros_for_empty_prompt) of a source."""
+    from dataclasses import replace
+
+    from . import sizing
+    from .pipeline_spec import spec_from_class, spec_from_pipeline
+
+    if hasattr(source, "components") and not isinstance(source, str):
+        spec = spec_from_pipeline(source)
+        modules = {c.name: c.module for c in spec.components if c.module is not None}
+        config = getattr(source, "config", {}) or {}
+        return spec, modules, bool(config.get("force_zeros_for_empty_prompt", True))
+    folder = sizing.model_folder(source)
+    class_name, _ = sizing.read_model_index(folder)
+    key = (str(folder), dtype)
+    if key not in _BUILT:
+        _BUILT[key] = sizing.build_components(folder, dtype=dtype)
+    modules = _BUILT[key]
+    spec = spec_from_class(class_name)
+    components = []
+    for component in spec.components:
+        module = modules.get(component.name)
+        if module is not None:
+            component = replace(component, type_name=type(module).__name__,
+                                bytes=sizing.size_module(module).bytes, present=True)
+        elif component.is_model:
+            component = replace(component, present=False)
+        components.append(component)
+    index = sizing._read_json(folder / sizing.MODEL_INDEX)
+    return replace(spec, components=tuple(components)), modules, bool(index.get("force_zeros_for_empty_prompt", True))
+
+
+def _working_memory(modules, settings: CallSettings, device: str):
+    """(component -> working memory of one forward, runtime overhead), or (None, overhead)."""
+    try:
+        from . import activations
+    except ImportError:
+        return None, 0
+    overhead = getattr(activations, "CUDA_RUNTIME_OVERHEAD", 0) if device.startswith("cuda") else 0
+    working = {}
+    for name, module in modules.items():
+        role = stage_of(name)
+        try:
+            working[name] = activations.working_memory(
+                module, role=role, height=settings.height, width=settings.width, batch=settings.batch,
+                dtype=settings.dtype or _dtype_of(module), guidance=settings.guidance, num_frames=settings.num_frames)
+        except (TypeError, ValueError, KeyError, AttributeError):
+            working[name] = None  # a model the estimate does not know
+    return working, overhead
+
+
+def _dtype_of(module) -> str:
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            return str(tensor.dtype).removeprefix("torch.")
+    return "float32"

@@ -1,0 +1,71 @@
+"""The planner's predictions against what the runtime records, and its reports."""
+
+import pytest
+
+import offloadkit
+from offloadkit.predict import predict
+from offloadkit.schedule import CallSettings, schedule
+from offloadkit.testing import tiny_call_kwargs, tiny_pipeline
+
+POLICIES = {
+    "diffusers-default": "diffusers-default",
+    "sequential": "sequential",
+    "vae-resident": "vae-resident",
+    "mixed": {"version": 1, "components": {"DENOISER": {"strategy": "group"}, "vae": {"strategy": "resident"}}},
+    "group-pairs": {"version": 1, "components": {"*": {"strategy": "group", "num_blocks_per_group": 2}}},
+    "leaf": {"version": 1, "components": {"*": {"strategy": "group", "offload_type": "leaf_level"}}},
+    "prefetch": {"version": 1, "components": {"*": {"strategy": "model", "transfer": "copy-free", "prefetch": True}}},
+    "keep": {"version": 1, "components": {"DENOISER": {"strategy": "model", "keep_on_device": True}}},
+    "disk-block": {"version": 1, "components": {"*": {"strategy": "disk", "granularity": "block"}}},
+}
+CASES = [("sdxl", name) for name in POLICIES] + [
+    (pipeline, name) for pipeline in ("sd3", "controlnet") for name in ("diffusers-default", "mixed", "prefetch")]
+
+
+def _policy(name, pipe):
+    policy = POLICIES[name]
+    if isinstance(policy, dict):
+        denoiser = "transformer" if "transformer" in pipe.components else "unet"
+        components = {denoiser if k == "DENOISER" else k: v for k, v in policy["components"].items()}
+        policy = {**policy, "components": components}
+    return policy
+
+
+@pytest.mark.parametrize("pipeline, policy_name", CASES)
+def test_predicted_moves_and_peaks_equal_the_trace(pipeline, policy_name):
+    pipe = tiny_pipeline(pipeline)
+    policy = _policy(policy_name, pipe)
+    prediction = predict(pipe, policy, device="cpu", settings=CallSettings(steps=2))
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    for _ in range(2):
+        pipe(**tiny_call_kwargs(pipe))
+    for call in (1, 2):  # the first call can differ (residency kept from it): both are predicted
+        recorded = [(e.component, e.action, e.bytes, e.stage) for e in handle.trace.for_call(call)]
+        predicted = [(e.component, e.action, e.bytes, e.stage) for e in prediction.events if e.call == call]
+        assert predicted == recorded
+    summary = handle.trace.calls_summary()[-1]
+    assert {s.stage: s.weights_bytes for s in prediction.stages if s.weights_bytes is not None} \
+        == summary.stage_peak_bytes
+    assert prediction.weights_peak_bytes == summary.peak_resident_bytes
+    assert prediction.bytes_moved == summary.bytes_moved
+    assert {s.stage: s.bytes_moved for s in prediction.stages} == {
+        stage: sum(e.bytes for e in handle.trace.for_call(2) if e.stage == stage)
+        for stage in {e.stage for e in handle.trace.for_call(2)}} | {
+        s.stage: 0 for s in prediction.stages if s.bytes_moved == 0}
+
+
+def test_schedules_follow_the_pipelines_call_structure():
+    steps = CallSettings(steps=3)
+    assert schedule("StableDiffusionPipeline", ["text_encoder", "unet", "vae"], steps).forwards == (
+        "text_encoder", "text_encoder", "unet", "unet", "unet", "vae")
+    sdxl = ["text_encoder", "text_encoder_2", "unet", "vae"]
+    assert schedule("StableDiffusionXLPipeline", sdxl, steps).count("text_encoder") == 1
+    assert schedule("StableDiffusionXLPipeline", sdxl, steps, force_zeros_for_empty_prompt=False).forwards[:4] == (
+        "text_encoder", "text_encoder_2", "text_encoder", "text_encoder_2")
+    wan = schedule("WanPipeline", ["text_encoder", "transformer", "vae"], steps)
+    assert wan.count("transformer") == 6 and wan.count("text_encoder") == 2
+    flux = schedule("FluxPipeline", ["text_encoder", "text_encoder_2", "transformer", "vae"], steps)
+    assert flux.forwards == ("text_encoder", "text_encoder_2") + ("transformer",) * 3 + ("vae",)
+    control = schedule("StableDiffusionControlNetPipeline", ["text_encoder", "unet", "controlnet", "vae"], steps)
+    assert control.forwards[2:4] == ("controlnet", "unet") and not control.assumed
+    assert schedule("SomeNewPipeline", ["text_encoder", "transformer", "vae"], steps).assumed
