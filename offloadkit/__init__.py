@@ -7,8 +7,9 @@ Example::
     image = pipe("a lighthouse at dusk").images[0]
     print(handle.trace.summary())
 
-`load`, `Policy` and `Plan` do not import torch; `apply`, `plan`, `remove` and
-`OffloadHandle` import torch, diffusers and accelerate when first used.
+`load`, `Policy` and `Plan` do not import torch; `apply`, `plan`, `remove`,
+`OffloadHandle`, `predict` and `synthesize` import torch, diffusers and accelerate
+when first used.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from .errors import (
     BudgetExceededError,
     BudgetWarning,
     DeviceError,
+    HardwareError,
     OffloadkitError,
     PipelineError,
     PolicyError,
@@ -29,11 +31,16 @@ from .schema import Policy
 __version__ = "0.1.0"
 
 _LAZY = {"apply": "install", "plan": "install", "remove": "install", "OffloadHandle": "install",
-         "Trace": "trace", "TraceEvent": "trace"}
+         "Trace": "trace", "TraceEvent": "trace", "predict": "prediction", "Prediction": "prediction",
+         "CallSettings": "schedule", "synthesize": "synthesis", "Synthesis": "synthesis",
+         "SynthesisError": "synthesis", "HardwareProfile": "hardware", "load_hardware": "hardware",
+         "calibrate": "hardware"}
 
 __all__ = sorted([
-    "BudgetExceededError", "BudgetWarning", "ComponentPlan", "DeviceError", "OffloadHandle", "OffloadkitError", "PipelineError", "Plan", "Policy",
-    "PolicyError", "Problem", "Trace", "TraceEvent", "apply", "builtin_policies", "load", "plan", "remove",
+    "BudgetExceededError", "BudgetWarning", "CallSettings", "ComponentPlan", "DeviceError", "HardwareError",
+    "HardwareProfile", "OffloadHandle", "OffloadkitError", "PipelineError", "Plan", "Policy", "PolicyError",
+    "Prediction", "Problem", "Synthesis", "SynthesisError", "Trace", "TraceEvent", "apply", "builtin_policies",
+    "calibrate", "load", "load_hardware", "plan", "predict", "remove", "synthesize",
 ])
 
 

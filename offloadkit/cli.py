@@ -26,14 +26,47 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check policy files (exit 0 valid, 1 invalid, 2 usage)")
     validate.add_argument("files", nargs="+", metavar="FILE", help="policy files or built-in names")
-    validate.add_argument("--pipeline", metavar="CLASS",
-                          help="also check component names against this diffusers pipeline class")
+    validate.add_argument("--pipeline", metavar="CLASS|MODEL",
+                          help="also check component names against this diffusers pipeline class, built-in "
+                               "architecture (sdxl, flux1-dev, ...) or model folder")
+    validate.add_argument("--hardware", metavar="PROFILE",
+                          help="also fail when the predicted peak exceeds this hardware profile's device memory or "
+                               "the policy's own budget (needs --pipeline as an architecture or model folder)")
+    _add_call_arguments(validate)
 
     explain = commands.add_parser("explain", help="print the plan of a policy for a pipeline class (no weights)")
     explain.add_argument("policy", metavar="POLICY", help="policy file or built-in name")
     explain.add_argument("--pipeline", metavar="CLASS", required=True, help="diffusers pipeline class name")
     explain.add_argument("--device", help="override the policy's device (shown as given)")
     explain.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
+
+    plan = commands.add_parser("plan", help="predict memory per stage, bytes moved and transfer time of a call, "
+                                            "before loading anything")
+    plan.add_argument("policy", metavar="POLICY", help="policy file or built-in name")
+    plan.add_argument("--pipeline", metavar="MODEL", required=True,
+                      help="built-in architecture (see `offloadkit list`) or model folder (model_index.json + configs)")
+    plan.add_argument("--hardware", metavar="PROFILE", help="hardware profile file or built-in name (for times)")
+    plan.add_argument("--device", help="override the policy's (and the profile's) device")
+    plan.add_argument("--json", action="store_true", help="print the prediction as JSON")
+    _add_call_arguments(plan)
+
+    synth = commands.add_parser("synthesize", help="write the policy predicted fastest among those that fit")
+    synth.add_argument("--pipeline", metavar="MODEL", required=True,
+                       help="built-in architecture (see `offloadkit list`) or model folder")
+    synth.add_argument("--hardware", metavar="PROFILE", help="hardware profile file or built-in name")
+    synth.add_argument("--vram", metavar="SIZE", help="device memory the call may use, e.g. 8GiB (default: the "
+                                                      "profile's memory less the runtime overhead)")
+    synth.add_argument("--device", help="device of the policy (default: the profile's, else cuda)")
+    synth.add_argument("-o", "--output", type=Path, help="write the policy here (default: print it)")
+    synth.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    _add_call_arguments(synth)
+
+    calibrate = commands.add_parser("calibrate", help="measure this machine and write a hardware profile")
+    calibrate.add_argument("--device", default="auto", help="device to measure (default: the accelerator)")
+    calibrate.add_argument("-o", "--output", type=Path, help="write the profile here (default: print it)")
+    calibrate.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    calibrate.add_argument("--quick", action="store_true", help="small buffers: fast, less exact")
+    calibrate.add_argument("--folder", help="where to write the temporary file for the disk read test")
 
     schema = commands.add_parser("schema", help="write or verify the policy JSON Schema")
     schema.add_argument("--check", action="store_true", help="fail if the file is missing or stale")
@@ -50,8 +83,47 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _add_call_arguments(parser) -> None:
+    call = parser.add_argument_group("the call (defaults: the pipeline family's usual size, 30 steps, fp16)")
+    call.add_argument("--height", type=_positive, help="image height in pixels")
+    call.add_argument("--width", type=_positive, help="image width in pixels")
+    call.add_argument("--frames", type=_positive, help="video frames (video pipelines)")
+    call.add_argument("--steps", type=_positive, default=30, help="denoising steps (default: 30)")
+    call.add_argument("--batch", type=_positive, default=1, help="images per call (default: 1)")
+    call.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="weights' dtype (default: fp16)")
+    call.add_argument("--no-guidance", action="store_true", help="no classifier-free guidance (guidance_scale 1)")
+    call.add_argument("--negative-prompt", action="store_true", help="a negative prompt is given")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, not {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be positive, not {value}")
+    return value
+
+
+def _call_settings(args):
+    from .schedule import CallSettings
+
+    return CallSettings(height=args.height, width=args.width, steps=args.steps, batch=args.batch,
+                        guidance=not args.no_guidance, negative_prompt=args.negative_prompt,
+                        num_frames=args.frames, dtype=args.dtype)
+
+
+def _is_model_source(text: str) -> bool:
+    """A built-in architecture or a model folder (as opposed to a pipeline class name)."""
+    from .sizing import architecture_names
+
+    return text in architecture_names() or Path(text).expanduser().exists()
+
+
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
+    # transformers warns about optional backends (torchvision) on import; not the user's concern here
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     try:
         return _COMMANDS[args.command](args)
     except OffloadkitError as exc:
@@ -70,13 +142,23 @@ def main(argv=None) -> int:
 def _validate(args) -> int:
     from .loading import load
 
+    if args.hardware and not (args.pipeline and _is_model_source(args.pipeline)):
+        print("error: --hardware predicts memory, which needs sizes: give --pipeline as a built-in architecture "
+              "(see `offloadkit list`) or a model folder", file=sys.stderr)
+        return 2
     failed = 0
     spec = None
     for name in args.files:
         try:
             policy = load(name)
-            if args.pipeline:
-                spec = spec or _class_spec(args.pipeline)
+            if args.hardware:
+                problem = _hardware_problem(policy, args)
+                if problem:
+                    failed += 1
+                    print(f"{name}: {problem}", file=sys.stderr)
+                    continue
+            elif args.pipeline:
+                spec = spec or _spec_for(args.pipeline)
                 from .resolve import resolve
 
                 resolve(policy, spec, policy.device)  # names only: the device is not needed
@@ -85,8 +167,40 @@ def _validate(args) -> int:
             print(str(exc), file=sys.stderr)
             continue
         target = f" for {args.pipeline}" if args.pipeline else ""
+        target += f" on {args.hardware}" if args.hardware else ""
         print(f"{name}: valid{target}")
     return 1 if failed else 0
+
+
+def _hardware_problem(policy, args) -> str | None:
+    """Why the policy's predicted call does not fit the hardware or its own budget, or None."""
+    from .hardware import load_hardware
+    from .plans import format_bytes
+    from .prediction import predict
+
+    hardware = load_hardware(args.hardware)
+    prediction = predict(args.pipeline, policy, hardware=hardware, settings=_call_settings(args))
+    stages = ", ".join(f"{s.stage} {format_bytes(s.device_peak_bytes)}" for s in prediction.stages)
+    if prediction.required_device_bytes > hardware.device_memory:
+        return (f"predicted to need {format_bytes(prediction.required_device_bytes)} on the device (peak "
+                f"{format_bytes(prediction.device_peak_bytes)}: {stages}; plus "
+                f"{format_bytes(prediction.runtime_overhead_bytes)} runtime overhead), more than "
+                f"{hardware.name}'s {format_bytes(hardware.device_memory)}. Offload more (see `offloadkit "
+                "synthesize`) or lower the resolution or batch")
+    if policy.budget is not None and prediction.weights_peak_bytes > policy.budget.device_memory:
+        return (f"predicted to hold {format_bytes(prediction.weights_peak_bytes)} of weights on the device at once, "
+                f"over its own budget of {format_bytes(policy.budget.device_memory)}. Offload more or raise "
+                "`budget.device_memory`")
+    return None
+
+
+def _spec_for(pipeline: str):
+    """Names of a pipeline class, or sizes too for an architecture or a model folder."""
+    if _is_model_source(pipeline):
+        from .sizing import spec_from_folder
+
+        return spec_from_folder(pipeline)
+    return _class_spec(pipeline)
 
 
 def _class_spec(class_name: str):
@@ -106,6 +220,58 @@ def _explain(args) -> int:
     plan = resolve(policy, spec, device_label(args.device or policy.device))
     print(json.dumps(plan.to_dict(), indent=2) if args.json else plan)
     return 0
+
+
+def _plan(args) -> int:
+    from .prediction import predict
+
+    prediction = predict(args.pipeline, args.policy, hardware=args.hardware, settings=_call_settings(args),
+                         device=args.device)
+    print(json.dumps(prediction.to_dict(), indent=2) if args.json else prediction)
+    return 0
+
+
+def _synthesize(args) -> int:
+    from .synthesis import synthesize
+
+    if args.hardware is None and args.vram is None:
+        print("error: synthesize needs a memory limit: --hardware PROFILE and/or --vram SIZE", file=sys.stderr)
+        return 2
+    if args.output is not None and args.output.exists() and not args.force:
+        print(f"error: {args.output} exists; it was left as it is. Choose another --output or add --force",
+              file=sys.stderr)
+        return 1
+    result = synthesize(args.pipeline, hardware=args.hardware, budget=args.vram, settings=_call_settings(args),
+                        device=args.device)
+    if args.output is None:
+        print(result.text, end="")
+        return 0
+    result.write(args.output, overwrite=args.force)
+    print(f"wrote {args.output}: {result.prediction.policy}, predicted peak "
+          f"{_size(result.prediction.device_peak_bytes)} within {_size(result.limit_bytes)}")
+    return 0
+
+
+def _calibrate(args) -> int:
+    from .hardware import calibrate, dump_hardware_yaml
+
+    if args.output is not None and args.output.exists() and not args.force:
+        print(f"error: {args.output} exists; it was left as it is. Choose another --output or add --force",
+              file=sys.stderr)
+        return 1
+    text = dump_hardware_yaml(calibrate(args.device, quick=args.quick, folder=args.folder))
+    if args.output is None:
+        print(text, end="")
+        return 0
+    args.output.write_text(text, encoding="utf-8")
+    print(f"wrote {args.output}")
+    return 0
+
+
+def _size(count: int) -> str:
+    from .plans import format_bytes
+
+    return format_bytes(count)
 
 
 def _schema(args) -> int:
@@ -153,7 +319,8 @@ def _demo(args) -> int:
     return run_demo(device=args.device, policy=args.policy, pipeline=args.pipeline)
 
 
-_COMMANDS = {"validate": _validate, "explain": _explain, "schema": _schema, "list": _list, "demo": _demo}
+_COMMANDS = {"validate": _validate, "explain": _explain, "plan": _plan, "synthesize": _synthesize,
+             "calibrate": _calibrate, "schema": _schema, "list": _list, "demo": _demo}
 
 
 if __name__ == "__main__":

@@ -53,6 +53,10 @@ class PolicyError(OffloadkitError, ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
+class HardwareError(PolicyError):
+    """A hardware profile is invalid or could not be read, each problem located like a policy's."""
+
+
 class PipelineError(OffloadkitError, ValueError):
     """The pipeline cannot take a policy as it is (device map, group offloading, foreign hooks, ...)."""
 

@@ -55,10 +55,15 @@ def load(source) -> Policy:
                       "Pass a file path, a built-in name, a dict or a Policy")
 
 
-def _read_source(source, base_dir: Path, origin: Problem | None):
-    """Read a path or built-in name; returns (document, directory for relative extends, identity key)."""
+def _read_source(source, base_dir: Path, origin: Problem | None, builtins: dict | None = None,
+                 what: str = "policy"):
+    """Read a path or built-in name; returns (document, directory for relative extends, identity key).
+
+    `builtins` (default: the built-in policies) and `what` let hardware profiles share this reader.
+    """
     text = str(source)
-    builtins = builtin_policies()
+    if builtins is None:
+        builtins = builtin_policies()
     looks_like_path = (isinstance(source, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text
                        or text in (".", ".."))
     if not looks_like_path and text in builtins:
@@ -79,7 +84,7 @@ def _read_source(source, base_dir: Path, origin: Problem | None):
         try:
             raw = path.read_bytes()
         except OSError as exc:
-            problem_text = f"cannot read policy file {text!r} ({exc.strerror}). Check its permissions"
+            problem_text = f"cannot read {what} file {text!r} ({exc.strerror}). Check its permissions"
             if origin is not None:
                 raise PolicyError(Problem(problem_text, origin.source, origin.path, origin.line,
                                           origin.column)) from None
@@ -88,15 +93,16 @@ def _read_source(source, base_dir: Path, origin: Problem | None):
         return parse_yaml(raw, shown), path.parent, str(path.resolve())
     if looks_like_path:
         shown = text if len(text) <= 80 else text[:77] + "..."
-        message = f"policy file {shown!r} not found"
+        message = f"{what} file {shown!r} not found"
         if reason is not None:
-            message = f"cannot open policy file {shown!r} ({reason})"
+            message = f"cannot open {what} file {shown!r} ({reason})"
         elif path.is_dir():
-            message = f"{shown!r} is a folder, not a policy file"
+            message = f"{shown!r} is a folder, not a {what} file"
         problem_text = f"{message}. Check the path (relative paths start from {base_dir})"
     else:
-        problem_text = (f"no built-in policy or file named {text!r}. "
-                        + did_you_mean(text, builtins, "built-in policies"))
+        plural = "policies" if what == "policy" else f"{what}s"
+        problem_text = (f"no built-in {what} or file named {text!r}. "
+                        + did_you_mean(text, builtins, f"built-in {plural}"))
     if origin is not None:
         raise PolicyError(Problem(problem_text, origin.source, origin.path, origin.line, origin.column))
     raise PolicyError(Problem(problem_text, text))
@@ -260,7 +266,11 @@ def _expected_values(ctx: dict | None) -> list[str]:
     return re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
 
 
-def _translate(exc: ValidationError, data: dict, positions: dict, source: str) -> list[Problem]:
+def _translate(exc: ValidationError, data: dict, positions: dict, source: str,
+               allowed_keys=None) -> list[Problem]:
+    """Pydantic errors as located problems. `allowed_keys(path, data)` lists the valid keys of a mapping
+    for "did you mean" hints (default: a policy's); hardware profiles pass their own."""
+    allowed_keys = allowed_keys or _allowed_keys
     problems: dict[tuple, Problem] = {}
     for err in exc.errors(include_url=False):
         kind = err["type"]
@@ -270,7 +280,7 @@ def _translate(exc: ValidationError, data: dict, positions: dict, source: str) -
         if kind == "extra_forbidden":
             at_key = True
             key = path[-1] if path else err["loc"][-1]
-            message = (f"unknown key {key!r}. " + did_you_mean(key, _allowed_keys(path[:-1], data), "keys")
+            message = (f"unknown key {key!r}. " + did_you_mean(key, allowed_keys(path[:-1], data), "keys")
                        .replace("Valid keys", "Remove it or use one of the valid keys"))
         elif kind == "missing":
             message = f"required key {path[-1]!r} is missing."

@@ -30,10 +30,11 @@ _DECODE_UNUSED = ("encoder", "quant_conv")
 
 @dataclass(frozen=True)
 class StreamProfile:
-    """Bytes loaded per forward, and the most of them on the device at once."""
+    """Bytes loaded per forward, the most of them on the device at once, and the loads (hook calls) per forward."""
 
     per_forward: int
     peak: int
+    pieces: int
 
 
 def _nbytes(tensors) -> int:
@@ -67,10 +68,10 @@ def _layer_profile(module, offload_buffers) -> StreamProfile:
         own = _own(sub, offload_buffers)
         children = _children(sub, decode_only) if top else sub.named_children()
         totals = [walk(child, False) for _, child in children]
-        return own + sum(t[0] for t in totals), own + max((t[1] for t in totals), default=0)
+        return (own + sum(t[0] for t in totals), own + max((t[1] for t in totals), default=0),
+                (1 if own else 0) + sum(t[2] for t in totals))
 
-    per_forward, peak = walk(module, True)
-    return StreamProfile(per_forward, peak)
+    return StreamProfile(*walk(module, True))
 
 
 def _block_profile(module, offload_buffers) -> StreamProfile:
@@ -86,7 +87,7 @@ def _block_profile(module, offload_buffers) -> StreamProfile:
         for block in parts:
             tensors = list(block.parameters()) + (list(block.buffers()) if buffers else [])
             blocks.append(_nbytes(tensors))
-    return StreamProfile(own + sum(blocks), own + max(blocks, default=0))
+    return StreamProfile(own + sum(blocks), own + max(blocks, default=0), len(blocks) + (1 if own else 0))
 
 
 def _group_profile(module, options: dict) -> StreamProfile:
@@ -117,7 +118,9 @@ def _group_profile(module, options: dict) -> StreamProfile:
     inner = max((peak_of(*part) for part in parts.values()), default=0)
     peak = sum(root_unmatched) + max(peak_of([], root_blocks), inner)
     per_forward = sum(sum(u) + sum(b) for u, b in parts.values()) + sum(root_unmatched) + sum(root_blocks)
-    return StreamProfile(per_forward, peak)
+    pieces = sum(len(u) + -(-len(b) // per_group) for u, b in parts.values()) + len(root_unmatched) \
+        + -(-len(root_blocks) // per_group)
+    return StreamProfile(per_forward, peak, pieces)
 
 
 def _leaf_group_profile(module, stream: bool) -> StreamProfile:
@@ -132,16 +135,17 @@ def _leaf_group_profile(module, stream: bool) -> StreamProfile:
         if isinstance(sub, LAYERS):
             total = _nbytes(list(sub.parameters()) + list(sub.buffers()))
             leaves.append(total)
-            return total, total
+            return total, total, 1
         own = _own(sub, buffers=True)
         children = [c for _, c in _children(sub, decode_only)] if top else list(sub.children())
         totals = [walk(child) for child in children]
-        return own + sum(t[0] for t in totals), own + max((t[1] for t in totals), default=0)
+        return (own + sum(t[0] for t in totals), own + max((t[1] for t in totals), default=0),
+                (1 if own else 0) + sum(t[2] for t in totals))
 
-    per_forward, peak = walk(module, top=True)
+    per_forward, peak, pieces = walk(module, top=True)
     if stream:  # the next layer is prefetched while one computes
         peak += max(leaves, default=0)
-    return StreamProfile(per_forward, peak)
+    return StreamProfile(per_forward, peak, pieces)
 
 
 def _largest_window(sizes: list[int], width: int) -> int:

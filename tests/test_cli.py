@@ -207,3 +207,62 @@ def test_explain_refuses_non_pipeline_classes(capsys):
         assert main(["explain", "diffusers-default", "--pipeline", name]) == 1
         err = capsys.readouterr().err
         assert "no concrete pipeline class" in err or "no pipeline class" in err
+
+
+def test_plan_prints_stages_and_json(capsys):
+    assert main(["plan", "diffusers-default", "--pipeline", "sd15", "--hardware", "rtx-3060-12gb", "--steps", "20"]) == 0
+    out = capsys.readouterr().out
+    assert "StableDiffusionPipeline under policy 'diffusers-default' on cuda:0 with hardware 'rtx-3060-12gb'" in out
+    assert "512x512, 20 steps" in out and "text_encoder x2, unet x20, vae x1" in out
+    for stage in ("encode", "denoise", "decode"):
+        assert f"\n{stage}" in out
+    assert main(["plan", "sequential", "--pipeline", "sd15", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["policy"] == "sequential" and data["transfer_seconds"] is None  # no hardware: no times
+    assert {s["stage"] for s in data["stages"]} == {"encode", "denoise", "decode"}
+
+
+def test_validate_with_hardware_fails_a_policy_that_does_not_fit(capsys):
+    resident = ROOT / "tests" / "fixtures" / "all-resident.yaml"
+    assert main(["validate", "diffusers-default", str(resident), "--pipeline", "sdxl",
+                 "--hardware", "rtx-4060-8gb"]) == 1
+    captured = capsys.readouterr()
+    assert "diffusers-default: valid for sdxl on rtx-4060-8gb" in captured.out
+    assert "all-resident.yaml: predicted to need" in captured.err
+    assert "more than rtx-4060-8gb's 8.0 GiB" in captured.err
+    assert main(["validate", str(resident), "--pipeline", "sdxl", "--hardware", "rtx-4090-24gb"]) == 0
+    capsys.readouterr()
+    # a prediction needs sizes: a pipeline class is not enough
+    assert main(["validate", "diffusers-default", "--pipeline", "StableDiffusionXLPipeline",
+                 "--hardware", "rtx-4090-24gb"]) == 2
+    assert "needs sizes" in capsys.readouterr().err
+
+
+def test_validate_with_hardware_checks_the_policys_own_budget(tmp_path, capsys):
+    policy = tmp_path / "tight.yaml"
+    policy.write_text("version: 1\nextends: diffusers-default\nbudget: {device_memory: 2GiB}\n")
+    assert main(["validate", str(policy), "--pipeline", "sdxl", "--hardware", "rtx-4090-24gb"]) == 1
+    assert "over its own budget of 2.0 GiB" in capsys.readouterr().err
+
+
+def test_synthesize_writes_a_policy_and_never_overwrites(tmp_path, capsys):
+    out = tmp_path / "sd15.yaml"
+    assert main(["synthesize", "--pipeline", "sd15", "--vram", "2GiB", "-o", str(out)]) == 0
+    assert "wrote" in capsys.readouterr().out
+    assert main(["validate", str(out), "--pipeline", "sd15", "--hardware", "rtx-3060-12gb"]) == 0
+    before = out.read_text()
+    assert main(["synthesize", "--pipeline", "sd15", "--vram", "4GiB", "-o", str(out)]) == 1
+    assert "exists; it was left as it is" in capsys.readouterr().err
+    assert out.read_text() == before
+    assert main(["synthesize", "--pipeline", "sd15"]) == 2  # no limit given
+    assert "needs a memory limit" in capsys.readouterr().err
+
+
+def test_calibrate_writes_a_profile_that_loads(tmp_path, capsys):
+    from offloadkit.hardware import load_hardware
+
+    out = tmp_path / "hw.yaml"
+    assert main(["calibrate", "--device", "cpu", "--quick", "--folder", str(tmp_path), "-o", str(out)]) == 0
+    profile = load_hardware(out)
+    assert profile.device == "cpu" and not profile.nominal and profile.h2d_pageable > 0
+    assert main(["calibrate", "--device", "cpu", "--quick", "-o", str(out)]) == 1  # exists: kept

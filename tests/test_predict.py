@@ -3,7 +3,7 @@
 import pytest
 
 import offloadkit
-from offloadkit.predict import predict
+from offloadkit.prediction import predict
 from offloadkit.schedule import CallSettings, schedule
 from offloadkit.testing import tiny_call_kwargs, tiny_pipeline
 
@@ -44,9 +44,9 @@ def test_predicted_moves_and_peaks_equal_the_trace(pipeline, policy_name):
         predicted = [(e.component, e.action, e.bytes, e.stage) for e in prediction.events if e.call == call]
         assert predicted == recorded
     summary = handle.trace.calls_summary()[-1]
-    assert {s.stage: s.weights_bytes for s in prediction.stages if s.weights_bytes is not None} \
+    assert {s.stage: s.traced_weights_bytes for s in prediction.stages if s.traced_weights_bytes is not None} \
         == summary.stage_peak_bytes
-    assert prediction.weights_peak_bytes == summary.peak_resident_bytes
+    assert prediction.traced_peak_bytes == summary.peak_resident_bytes
     assert prediction.bytes_moved == summary.bytes_moved
     assert {s.stage: s.bytes_moved for s in prediction.stages} == {
         stage: sum(e.bytes for e in handle.trace.for_call(2) if e.stage == stage)

@@ -48,9 +48,10 @@ class PredictedEvent:
 @dataclass(frozen=True)
 class StagePrediction:
     stage: str
-    # component weights on the device at the stage's peak, as the trace counts them (None: no hooked
-    # component runs in the stage, so the trace records no peak for it; device_peak_bytes still counts)
-    weights_bytes: int | None
+    weights_bytes: int  # the most component weights on the device at once during the stage
+    # the same as `handle.trace` counts it: at hooked components' moves and forwards (None: no hooked
+    # component runs in the stage, e.g. a resident VAE's decode, so the trace records no peak for it)
+    traced_weights_bytes: int | None
     working_bytes: int | None  # working memory of the forward at that peak (None: not estimated)
     device_peak_bytes: int  # max over the stage's forwards of weights + working memory
     host_bytes: int  # weights held in host RAM at that moment
@@ -75,9 +76,11 @@ class Prediction:
     bytes_moved: int
     transfer_seconds: float | None
     overlapped_seconds: float | None
-    weights_peak_bytes: int
+    weights_peak_bytes: int  # the most component weights on the device at once
+    traced_peak_bytes: int  # the call's peak as `handle.trace` counts it (calls_summary().peak_resident_bytes)
     device_peak_bytes: int
     runtime_overhead_bytes: int  # CUDA context and library workspaces: added when checking a card's memory
+    hook_calls: int  # offload hook invocations per call (one per model forward, one per streamed piece)
     first_call_bytes_moved: int
     notes: tuple[str, ...] = ()
     events: tuple[PredictedEvent, ...] = field(default=(), repr=False, compare=False)
@@ -104,7 +107,8 @@ class Prediction:
         s = self.settings
         size = f"{s['height']}x{s['width']}" + (f"x{s['num_frames']} frames" if s.get("num_frames") else "")
         lines = [f"{self.pipeline} under policy {self.policy!r} on {self.device}{hardware}",
-                 f"call: {size}, {s['steps']} steps, batch {s['batch']}, guidance {'on' if s['guidance'] else 'off'}"
+                 f"call: {size}, {s['steps']} steps, batch {s['batch']}, guidance {'on' if s['guidance'] else 'off'}, "
+                 f"weights {s['dtype'] or 'as loaded'}"
                  f"; forwards: {self.schedule}" + (" (assumed)" if self.schedule_assumed else ""), ""]
         rows = [("stage", "weights on dev", "working mem", "device peak", "host RAM", "disk", "moved", "transfer s",
                  "overlapped s")]
@@ -140,6 +144,7 @@ class _StagePeak:
 
     def __init__(self):
         self.traced = None  # weights as the trace counts them (None: no hooked component ran in the stage)
+        self.weights = 0  # weights on the device, the most at once
         self.device = 0  # weights + working memory, the most at any forward
         self.working = None
         self.tiers = (0, 0)  # (host, disk) bytes of weights at that forward
@@ -158,6 +163,7 @@ class _Replay:
         self.resident = {c.name: c.bytes or 0 for c in plan.components if c.strategy == "resident"}
         self.events: list = []
         self.call = 0
+        self.hook_calls = 0  # of the current call
 
     def _record(self, component, action, nbytes, stage=None):
         seconds, overlapped = self.cost(component, action, nbytes)
@@ -167,11 +173,14 @@ class _Replay:
     def _traced(self, stage, weights):
         peak = self.stages.setdefault(stage, _StagePeak())
         peak.traced = max(peak.traced or 0, weights)
+        peak.weights = max(peak.weights, weights)
         self.call_peak = max(self.call_peak, weights)
 
     def _device(self, stage, weights, working):
         peak = self.stages.setdefault(stage, _StagePeak())
         device = weights + (working or 0)
+        peak.weights = max(peak.weights, weights)
+        self.device_weights = max(self.device_weights, weights)
         if device > peak.device:
             peak.device, peak.working, peak.tiers = device, working, self._tiers()
 
@@ -196,6 +205,8 @@ class _Replay:
         self.call += 1
         self.stages: dict = {}  # stage -> _StagePeak
         self.call_peak = sum(self.resident.values())
+        self.device_weights = self.call_peak
+        self.hook_calls = 0
         streamed: dict = {}
         sequence = self.plan.sequence
         for name in forwards:
@@ -204,6 +215,7 @@ class _Replay:
                 continue
             stage = stage_of(name)
             if c.strategy == "model":  # ChainOffloadHook.pre_forward
+                self.hook_calls += 1
                 index = c.chain_index
                 if index:
                     previous = self.components[sequence[index - 1]]
@@ -224,6 +236,7 @@ class _Replay:
             elif c.strategy in STREAMED:  # pieces loaded and dropped inside the forward
                 profile: StreamProfile = self.streams[name]
                 streamed[name] = streamed.get(name, 0) + profile.per_forward
+                self.hook_calls += profile.pieces
                 weights = sum(self.resident.values()) + profile.peak
                 self._traced(stage, weights)
             else:  # resident: no hook, so the trace sees nothing; the device does
@@ -242,16 +255,21 @@ class _Replay:
 # --------------------------------------------------------------------------------------------------
 
 def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: CallSettings, *, hardware=None,
-                 working_memory=None, runtime_overhead: int = 0, calls: int = 2) -> Prediction:
+                 working_memory=None, runtime_overhead: int = 0, calls: int = 2, profiles=None) -> Prediction:
     """Replay `plan` for `calls` calls of `schedule`; the figures are those of the last call.
 
     `modules` are the pipeline's models (built on `meta` or loaded) by name; `working_memory`,
-    if given, maps a component name to the working memory of one of its forwards.
+    if given, maps a component name to the working memory of one of its forwards. `profiles`
+    caches stream profiles across predictions: a dict filled as (component, strategy, options) are met.
     """
+    profiles = {} if profiles is None else profiles
     streams = {}
     for c in plan.components:
         if c.strategy in STREAMED:
-            streams[c.name] = stream_profile(modules[c.name], c.strategy, c.options)
+            key = (c.name, c.strategy, repr(sorted(c.options.items())))
+            if key not in profiles:
+                profiles[key] = stream_profile(modules[c.name], c.strategy, c.options)
+            streams[c.name] = profiles[key]
     working = dict(working_memory or {})
     replay = _Replay(plan, streams, working, _bandwidths(plan, hardware))
     for _ in range(calls):
@@ -269,7 +287,8 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
         peak = peak or _StagePeak()
         stages.append(StagePrediction(
             stage=stage,
-            weights_bytes=peak.traced,
+            weights_bytes=peak.weights,
+            traced_weights_bytes=peak.traced,
             working_bytes=peak.working,
             device_peak_bytes=peak.device,
             host_bytes=peak.tiers[0],
@@ -299,9 +318,11 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
         bytes_moved=sum(e.bytes for e in events),
         transfer_seconds=sum(e.seconds for e in events if not e.overlapped) if timed else None,
         overlapped_seconds=sum(e.seconds for e in events if e.overlapped) if timed else None,
-        weights_peak_bytes=replay.call_peak,
+        weights_peak_bytes=max(replay.device_weights, replay.call_peak),
+        traced_peak_bytes=replay.call_peak,
         device_peak_bytes=max((s.device_peak_bytes for s in stages), default=0),
         runtime_overhead_bytes=runtime_overhead,
+        hook_calls=replay.hook_calls,
         first_call_bytes_moved=sum(e.bytes for e in first),
         notes=tuple(notes),
         events=tuple(replay.events),
@@ -345,34 +366,67 @@ def predict(source, policy, *, hardware=None, settings: CallSettings | None = No
 
         print(offloadkit.predict("sdxl", "diffusers-default", hardware="rtx-4090-24gb"))
     """
-    from .device import device_label
     from .loading import load
     from .resolve import resolve
-    from .schedule import family_of, schedule
 
     policy = load(policy)
     profile = _hardware(hardware)
+    own = None if policy.device == "auto" else policy.device  # `auto`: the hardware profile's device decides
+    context = prediction_context(source, hardware=profile, settings=settings, device=device or own)
+    plan = resolve(policy, context.spec, context.device)
+    return context.predict(plan)
+
+
+@dataclass
+class PredictionContext:
+    """Everything about one pipeline, call and machine that predictions of several plans share."""
+
+    spec: object  # PipelineSpec with sizes
+    modules: dict
+    settings: CallSettings
+    schedule: CallSchedule
+    device: str
+    hardware: object
+    working: dict | None
+    overhead: int
+    notes: list
+    profiles: dict = field(default_factory=dict)
+
+    def predict(self, plan: Plan) -> Prediction:
+        prediction = predict_plan(plan, self.modules, self.schedule, self.settings, hardware=self.hardware,
+                                  working_memory=self.working, runtime_overhead=self.overhead,
+                                  profiles=self.profiles)
+        return _with_notes(prediction, self.notes) if self.notes else prediction
+
+
+def prediction_context(source, *, hardware=None, settings: CallSettings | None = None,
+                       device=None) -> PredictionContext:
+    """Size the pipeline, its call and the machine once (see `predict`)."""
+    from dataclasses import replace
+
+    from .device import device_label
+    from .schedule import family_of, schedule
+
+    profile = _hardware(hardware)
     settings = settings or CallSettings()
-    spec, modules, force_zeros = _source(source, settings.dtype)
+    built = not (hasattr(source, "components") and not isinstance(source, str))
+    if built and settings.dtype is None:
+        settings = replace(settings, dtype="fp16")  # what these models are run in; `--dtype` says otherwise
+    spec, modules, force_zeros = _source(source, settings.dtype if built else None)
     settings = settings.resolved(family_of(spec.class_name))
     notes = []
-    target = device or (profile.device if profile is not None else None) or policy.device
+    target = device or (profile.device if profile is not None else None) or "auto"
     target = device_label(str(target))
     if target == "auto":
         target = "cuda:0"
         notes.append("device `auto` predicted as cuda:0")
-    plan = resolve(policy, spec, target)
     present = [c.name for c in spec.components if c.is_model and c.present]
     call = schedule(spec.class_name, present, settings, offload_seq=spec.offload_seq or (),
                     force_zeros_for_empty_prompt=force_zeros)
     working, overhead = _working_memory(modules, settings, target)
     if working is None:
         notes.append("working memory not estimated (offloadkit.activations unavailable)")
-    prediction = predict_plan(plan, modules, call, settings, hardware=profile, working_memory=working,
-                              runtime_overhead=overhead)
-    if notes:
-        prediction = _with_notes(prediction, notes)
-    return prediction
+    return PredictionContext(spec, modules, settings, call, target, profile, working, overhead, notes)
 
 
 def _with_notes(prediction: Prediction, notes) -> Prediction:
