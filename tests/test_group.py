@@ -79,3 +79,17 @@ def test_group_rule_options_are_validated():
     message = str(info.value)
     assert "components.unet.num_blocks_per_group" in message
     assert "unknown key 'offload_typ'. Did you mean 'offload_type'?" in message
+
+
+def test_remove_takes_group_offloading_off_every_model_including_nested_block_modules():
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"*": {"strategy": "group"}}}, device="cpu")
+    assert all(group_enabled(m) for m in (pipe.vae, pipe.unet, pipe.text_encoder))
+    run(pipe)
+    handle.remove()
+    # the VAE's hooks sit on its encoder and decoder (its `block_modules`), not on the VAE itself
+    assert not any(group_enabled(m) for m in (pipe.vae, pipe.unet, pipe.text_encoder))
+    assert_same_images(run(pipe), reference)
+    offloadkit.apply(pipe, "diffusers-default", device="cpu")  # a policy can be applied again
+    assert_same_images(run(pipe), reference)

@@ -95,13 +95,16 @@ def uninstall(handle, name, module):
     from diffusers.hooks import HookRegistry
     from diffusers.hooks import group_offloading as engine
 
-    registry = getattr(module, "_diffusers_hook", None)
-    if registry is None:
-        return
-    registry = HookRegistry.check_if_exists_or_initialize(module)
-    for hook_name in (engine._LAZY_PREFETCH_GROUP_OFFLOADING, engine._LAYER_EXECUTION_TRACKER,
-                      engine._GROUP_OFFLOADING):
-        registry.remove_hook(hook_name, recurse=True)
+    # Every submodule's registry, not only the model's own: a model with `block_modules` (a VAE's
+    # encoder and decoder) has hooks on those children and none on itself.
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        if not isinstance(registry, HookRegistry):
+            continue
+        for hook_name in (engine._LAZY_PREFETCH_GROUP_OFFLOADING, engine._LAYER_EXECUTION_TRACKER,
+                          engine._GROUP_OFFLOADING):
+            if registry.get_hook(hook_name) is not None:
+                registry.remove_hook(hook_name, recurse=False)
     module.to("cpu")
 
 
