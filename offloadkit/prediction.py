@@ -423,9 +423,10 @@ def prediction_context(source, *, hardware=None, settings: CallSettings | None =
     present = [c.name for c in spec.components if c.is_model and c.present]
     call = schedule(spec.class_name, present, settings, offload_seq=spec.offload_seq or (),
                     force_zeros_for_empty_prompt=force_zeros)
-    working, overhead = _working_memory(modules, settings, target)
-    if working is None:
-        notes.append("working memory not estimated (offloadkit.activations unavailable)")
+    working, overhead = _working_memory(source, modules, settings, target)
+    missing = sorted(set(modules) - set(working or {}))
+    if missing:
+        notes.append(f"no working-memory estimate for {', '.join(missing)}: weights only for them")
     return PredictionContext(spec, modules, settings, call, target, profile, working, overhead, notes)
 
 
@@ -478,22 +479,17 @@ def _source(source, dtype):
     return replace(spec, components=tuple(components)), modules, bool(index.get("force_zeros_for_empty_prompt", True))
 
 
-def _working_memory(modules, settings: CallSettings, device: str):
-    """(component -> working memory of one forward, runtime overhead), or (None, overhead)."""
+def _working_memory(source, modules, settings: CallSettings, device: str):
+    """(component -> working memory of one forward, runtime overhead); (None, overhead) without the estimate."""
     try:
         from . import activations
     except ImportError:
         return None, 0
-    overhead = getattr(activations, "CUDA_RUNTIME_OVERHEAD", 0) if device.startswith("cuda") else 0
-    working = {}
-    for name, module in modules.items():
-        role = stage_of(name)
-        try:
-            working[name] = activations.working_memory(
-                module, role=role, height=settings.height, width=settings.width, batch=settings.batch,
-                dtype=settings.dtype or _dtype_of(module), guidance=settings.guidance, num_frames=settings.num_frames)
-        except (TypeError, ValueError, KeyError, AttributeError):
-            working[name] = None  # a model the estimate does not know
+    overhead = activations.CUDA_RUNTIME_OVERHEAD if device.startswith("cuda") else 0
+    dtype = settings.dtype or _dtype_of(next(iter(modules.values()))) if modules else "fp16"
+    working = activations.component_working_memory(
+        source, height=settings.height, width=settings.width, batch=settings.batch, dtype=dtype,
+        guidance=settings.guidance, num_frames=settings.num_frames)
     return working, overhead
 
 

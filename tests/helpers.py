@@ -59,3 +59,23 @@ def textual_inversion_case():
     plain = tiny_pipeline("sd")
     plain.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
     return embedding, run(plain, prompt="a <cat>")
+
+
+GOLDEN_HARDWARE = "rtx-4090-24gb"  # nominal rates: the golden times change only when offloadkit's model does
+
+
+def golden_predictions(architecture: str) -> dict:
+    """Every built-in policy predicted for a built-in architecture at its family's usual call (30 steps, fp16).
+
+    A policy that does not apply (it names a component the pipeline lacks) is recorded with its error.
+    """
+    import offloadkit
+    from offloadkit.prediction import predict
+
+    found = {}
+    for policy in offloadkit.builtin_policies():
+        try:
+            found[policy] = predict(architecture, policy, hardware=GOLDEN_HARDWARE).to_dict()
+        except offloadkit.PolicyError as exc:
+            found[policy] = {"error": str(exc)}
+    return found

@@ -1,11 +1,17 @@
 """The planner's predictions against what the runtime records, and its reports."""
 
+import json
+from pathlib import Path
+
 import pytest
 
 import offloadkit
 from offloadkit.prediction import predict
 from offloadkit.schedule import CallSettings, schedule
+from offloadkit.sizing import architecture_names
 from offloadkit.testing import tiny_call_kwargs, tiny_pipeline
+
+from helpers import golden_predictions
 
 POLICIES = {
     "diffusers-default": "diffusers-default",
@@ -69,3 +75,14 @@ def test_schedules_follow_the_pipelines_call_structure():
     control = schedule("StableDiffusionControlNetPipeline", ["text_encoder", "unet", "controlnet", "vae"], steps)
     assert control.forwards[2:4] == ("controlnet", "unet") and not control.assumed
     assert schedule("SomeNewPipeline", ["text_encoder", "transformer", "vae"], steps).assumed
+
+
+GOLDEN = Path(__file__).parent / "golden" / "predictions"
+
+
+@pytest.mark.parametrize("architecture", architecture_names())
+def test_predictions_of_the_built_in_policies_match_golden(architecture):
+    """A change of diffusers, torch or offloadkit that changes memory behaviour shows up as a diff here."""
+    golden = json.loads((GOLDEN / f"{architecture}.json").read_text())
+    assert json.loads(json.dumps(golden_predictions(architecture))) == golden, (
+        "predictions changed: if intended, run tests/golden/regenerate.py and review the diff")
