@@ -73,7 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     schema.add_argument("--output", type=Path, default=DEFAULT_SCHEMA_PATH,
                         help=f"schema file (default: {DEFAULT_SCHEMA_PATH})")
 
-    commands.add_parser("list", help="list the built-in policies")
+    commands.add_parser("list", help="list the built-in policies, architectures and hardware profiles")
 
     demo = commands.add_parser("demo", help="apply a policy to a tiny built-in SDXL pipeline and show what moved")
     demo.add_argument("--device", default="cpu", help="execution device (default: cpu)")
@@ -307,9 +307,18 @@ def _schema(args) -> int:
 def _list(args) -> int:
     from .loading import builtin_policies, load
 
+    from .hardware import hardware_names, load_hardware
+    from .sizing import architecture_names, read_model_index
+
+    print("policies (POLICY):")
     for name in builtin_policies():
-        policy = load(name)
-        print(f"{name:<22} {policy.description or ''}")
+        print(f"  {name:<22} {load(name).description or ''}")
+    print("\narchitectures (--pipeline MODEL of plan, synthesize, validate --hardware):")
+    for name in architecture_names():
+        print(f"  {name:<22} {read_model_index(name)[0]}")
+    print("\nhardware profiles (--hardware PROFILE; nominal values):")
+    for name in hardware_names():
+        print(f"  {name:<22} {load_hardware(name).description or ''}")
     return 0
 
 

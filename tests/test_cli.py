@@ -104,8 +104,10 @@ def test_schema_describes_the_policy():
 def test_list_shows_builtins(capsys):
     assert main(["list"]) == 0
     out = capsys.readouterr().out
-    for name in ("diffusers-default", "vae-resident", "controlnet-resident"):
-        assert name in out
+    for name in ("diffusers-default", "vae-resident", "controlnet-resident", "sdxl", "flux1-dev",
+                 "wan21-t2v-14b", "rtx-4090-24gb", "h100-80gb"):
+        assert f"  {name} " in out
+    assert "FluxPipeline" in out
 
 
 def test_explain_prints_a_plan(capsys):
