@@ -65,6 +65,17 @@ cache (the kernel can drop them without swap), unlike anonymous memory, so the
 table shows RssAnon and RssFile apart. Page cache filled by reading/writing the
 files is not in any method's RSS.
 
+Allocator note (glibc): the activations of a call are plain malloc'd memory. glibc's mmap
+threshold starts at 128 KiB but rises to the size of any freed mmapped chunk (up to 32 MiB):
+freeing the in-RAM model at setup lifts it to ~26 MiB, after which most activations come from
+the brk heap, whose freed pages stay resident (RssAnon) and whose extent can grow from call to
+call. How much it grows differs between runs and methods, which is most of the spread of the
+call peaks. The "anon at calls start / end" and "glibc free" columns show it; with
+``--malloc-env MALLOC_MMAP_THRESHOLD_=1048576`` (any fixed threshold turns the dynamic rise
+off) every child, all methods alike, gets that setting and the header says so. It trades
+resident heap for more page faults (fresh zeroed pages for each large activation). By default
+the children get glibc's defaults, as a user's process would.
+
 How to run (from the repository root)::
 
     .venv/bin/python benchmarks/bench_disk.py --size small          # smoke run, ~1 min
@@ -72,10 +83,11 @@ How to run (from the repository root)::
     .venv/bin/python benchmarks/bench_disk.py --calls 2 --json /tmp/benchdisk/sd15.json
     .venv/bin/python benchmarks/bench_disk.py --size small --hook-timing   # where the time goes
     .venv/bin/python benchmarks/bench_disk.py --size small --profile       # cProfile of the calls
+    .venv/bin/python benchmarks/bench_disk.py --malloc-env MALLOC_MMAP_THRESHOLD_=1048576  # fixed threshold
 
 Options: ``--size sd15|small``, ``--calls N`` (default 3), ``--threads N`` (torch
 intra-op threads in the children, default 2), ``--seed``, ``--methods`` (comma
-list, default offloadkit,accelerate,diffusers), ``--with-plain``, ``--hook-timing``
+list, default offloadkit,accelerate,diffusers), ``--with-plain``, ``--malloc-env MALLOC_NAME=VALUE`` (glibc malloc variable for every child), ``--hook-timing``
 (time spent inside the offload hooks, per method), ``--profile`` (cProfile of the
 timed calls; slows the calls), ``--tmp DIR``, ``--json PATH``.
 
@@ -102,7 +114,7 @@ import traceback
 import warnings
 
 import benchkit
-from benchkit import read_status, reset_hwm, ru_maxrss_bytes
+from benchkit import malloc_info, read_status, reset_hwm, ru_maxrss_bytes
 
 GIB = 1024 ** 3
 
@@ -309,6 +321,14 @@ def child_main(args) -> int:
     result = {"method": args.child, "ok": False}
     out_dir = args.result_dir
     sampler = RssSampler(interval=args.sample_ms / 1000.0)
+    # diagnostics: RSS split and glibc allocator totals at points of the run
+    result["snapshots"] = snapshots = []
+
+    def snap(label):
+        status = read_status()
+        snapshots.append({"at": label, "RssAnon": status.get("RssAnon"), "RssFile": status.get("RssFile"),
+                          "VmHWM": status.get("VmHWM"), **{f"malloc_{k}": v for k, v in malloc_info().items()}})
+
     sampler.start()
     try:
         import torch
@@ -346,6 +366,7 @@ def child_main(args) -> int:
         result["weights_bytes"] = sum(t.numel() * t.element_size() for t in model.state_dict().values())
         gc.collect()
         result["rss_after_build"] = read_status()["VmRSS"]
+        snap("after_build")
 
         # --- setup ------------------------------------------------------------------------------------
         folder = os.path.join(out_dir, "offload")
@@ -359,6 +380,7 @@ def child_main(args) -> int:
         result["rss_after_setup"] = status["VmRSS"]
         result["rss_after_setup_anon"] = status.get("RssAnon", 0)
         result["rss_after_setup_file"] = status.get("RssFile", 0)
+        snap("after_setup")
         result["disk_bytes"] = folder_bytes(folder) if os.path.isdir(folder) else 0
         result["disk_files"] = sum(len(f) for _, _, f in os.walk(folder)) if os.path.isdir(folder) else 0
 
@@ -386,6 +408,7 @@ def child_main(args) -> int:
         flt1 = faults()
         result["warmup_faults"] = {"minor": flt1[0] - flt0[0], "major": flt1[1] - flt0[1]}
         result["hwm_warmup"] = read_status().get("VmHWM") if exact else None
+        snap("after_warmup")
 
         # --- timed calls ------------------------------------------------------------------------------
         profiler = None
@@ -395,15 +418,17 @@ def child_main(args) -> int:
             profiler = cProfile.Profile()
         timer.reset()
         timer.enabled = True
-        times, minor, major = [], [], []
+        times, minor, major, cpu_s = [], [], [], []
         out = first
         sampler.phase("calls")
         gc.collect()
         if exact:
             reset_hwm()
+        snap("calls_start")
         for _ in range(args.calls):
             gc.collect()
             f0 = faults()
+            cpu0 = time.process_time()
             if profiler is not None:
                 profiler.enable()
             start = time.perf_counter()
@@ -412,13 +437,16 @@ def child_main(args) -> int:
             if profiler is not None:
                 profiler.disable()
             f1 = faults()
+            cpu_s.append(time.process_time() - cpu0)
             times.append(elapsed)
             minor.append(f1[0] - f0[0])
+            snap("after_call")
             major.append(f1[1] - f0[1])
         result["hwm_calls"] = read_status().get("VmHWM") if exact else None
         sampler.phase("end")
         timer.enabled = False
         result["call_s"] = times
+        result["call_cpu_s"] = cpu_s  # CPU time of the process per call (all threads): less noisy than wall
         result["call_faults_minor"] = minor
         result["call_faults_major"] = major
         result["calls_identical"] = bool(torch.equal(first, out))
@@ -481,6 +509,9 @@ def _parse_args(argv=None):
                         help="slack allowed on the time target, as a fraction (default: 0 = strict)")
     parser.add_argument("--rss-tol", type=float, default=0.0,
                         help="slack allowed on the RSS targets, as a fraction (default: 0 = strict)")
+    parser.add_argument("--malloc-env", action="append", default=[], metavar="MALLOC_NAME=VALUE",
+                        help="set this glibc malloc variable in every child, all methods alike (repeatable); "
+                        "e.g. MALLOC_MMAP_THRESHOLD_=1048576. Default: none (glibc's defaults)")
     parser.add_argument("--tmp", default="/tmp/benchdisk", help="parent folder of the per-method temp folders")
     parser.add_argument("--child-timeout", type=float, default=1800.0, help=argparse.SUPPRESS)
     parser.add_argument("--json", dest="json_path", default=None, help="write all numbers to this JSON file")
@@ -504,7 +535,19 @@ def run_child(method: str, args) -> dict:
         command.append("--hook-timing")
     if args.profile:
         command.append("--profile")
-    return benchkit.run_child(method, command, folder, args.child_timeout, "output.pt", _load_tensor)
+    return benchkit.run_child(method, command, folder, args.child_timeout, "output.pt", _load_tensor,
+                              extra_env=malloc_env(args))
+
+
+def malloc_env(args) -> dict:
+    """The environment variables given to every child (all three methods alike) by --malloc-env."""
+    env = {}
+    for item in args.malloc_env:
+        key, sep, value = item.partition("=")
+        if not sep or not key.startswith("MALLOC_"):
+            raise SystemExit(f"--malloc-env wants MALLOC_NAME=VALUE, got {item!r}")
+        env[key] = value
+    return env
 
 
 def _load_tensor(path):
@@ -566,6 +609,12 @@ def _gib(value) -> str:
     return "   n/a" if value is None else f"{value / GIB:6.2f}"
 
 
+def _snap(result: dict, at: str, key: str) -> str:
+    """A value of the last diagnostic snapshot taken at `at` (GiB), or n/a."""
+    found = [s.get(key) for s in result.get("snapshots", ()) if s.get("at") == at]
+    return _gib(found[-1] if found else None)
+
+
 def _ratio(value, best) -> str:
     return "  n/a" if value is None or not best else f"{value / best:5.2f}"
 
@@ -587,6 +636,11 @@ def main(argv=None) -> int:
           f"methods={','.join(methods)}")
     print(f"python {platform.python_version()} on {platform.platform()}, {os.cpu_count()} CPUs; "
           f"temp folders under {args.tmp}")
+    extra = malloc_env(args)
+    inherited = sorted(k for k in os.environ if k.startswith("MALLOC_") and k not in extra)
+    print("glibc malloc settings in the children (the same for every method): "
+          + (", ".join(f"{k}={v}" for k, v in extra.items()) if extra else "glibc defaults (dynamic mmap threshold)")
+          + (f"; also inherited from this shell: {', '.join(inherited)}" if inherited else ""))
     if args.profile:
         print("NOTE: --profile is on: cProfile slows the timed calls (Python-heavy paths most); "
               "read those times as a profile, not as a benchmark.")
@@ -652,15 +706,20 @@ def main(argv=None) -> int:
           "spikes of a few ms);" % args.sample_ms)
     print("page faults per timed call (getrusage)")
     print(f"{'method':<27} {'after setup':>15} {'sampled':>7} {'at that peak':>15} {'calls max':>9}"
-          f" {'calls max':>9} {'minflt':>8} {'majflt':>6}")
+          f" {'calls max':>9} {'minflt':>8} {'majflt':>6} {'anon at calls':>15} {'glibc':>6}")
     print(f"{'':<27} {'anon / file':>15} {'callPk':>7} {'anon / file':>15} {'anon':>9} {'file':>9}"
-          f" {'/call':>8} {'/call':>6}")
+          f" {'/call':>8} {'/call':>6} {'start /  end':>15} {'free':>6}")
     for method, r in ok.items():
         split = r.get("call_peak_split", (None, None))
         print(f"{LABELS[method]:<27} {_gib(r['rss_after_setup_anon'])} / {_gib(r['rss_after_setup_file'])}"
               f" {_gib(r['call_peak_sampled']):>7} {_gib(split[0])} / {_gib(split[1])}"
               f" {_gib(r['call_peak_anon']):>9} {_gib(r['call_peak_file']):>9}"
-              f" {statistics.median(r['call_faults_minor']):8.0f} {statistics.median(r['call_faults_major']):6.0f}")
+              f" {statistics.median(r['call_faults_minor']):8.0f} {statistics.median(r['call_faults_major']):6.0f}"
+              f" {_snap(r, 'calls_start', 'RssAnon')} / {_snap(r, 'after_call', 'RssAnon')}"
+              f" {_snap(r, 'after_call', 'malloc_fordblks')}")
+    print("(anon at calls start / end: RssAnon before the first and after the last timed call; glibc free: bytes "
+          "freed but kept by glibc's heaps after the last call, mallinfo2 fordblks. Anonymous memory that grows "
+          "from call to call while 'glibc free' grows with it is heap retention by the allocator, not live data.)")
 
     if args.hook_timing:
         print()

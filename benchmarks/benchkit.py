@@ -48,11 +48,15 @@ def ru_maxrss_bytes() -> int:
 
 
 def run_child(method: str, command: list, folder: str, timeout: float, artefact: str | None = None,
-              load_artefact=None) -> dict:
-    """Run `command` (which writes `folder/result.json`), collect its result and delete `folder`."""
+              load_artefact=None, extra_env: dict | None = None) -> dict:
+    """Run `command` (which writes `folder/result.json`), collect its result and delete `folder`.
+
+    `extra_env` is added to the child's environment (e.g. glibc malloc tunables, which are read at start-up).
+    """
     start = time.perf_counter()
+    env = dict(os.environ, **extra_env) if extra_env else None
     try:
-        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(command, capture_output=True, text=True, timeout=timeout, env=env)
         result_path = os.path.join(folder, "result.json")
         if os.path.isfile(result_path):
             with open(result_path, encoding="utf-8") as f:
@@ -72,3 +76,26 @@ def run_child(method: str, command: list, folder: str, timeout: float, artefact:
         shutil.rmtree(folder, ignore_errors=True)
     result["wall_s"] = time.perf_counter() - start
     return result
+
+
+def malloc_info() -> dict:
+    """glibc's allocator totals (mallinfo2, glibc >= 2.33), in bytes; {} elsewhere.
+
+    arena: bytes obtained from the OS with brk/arena heaps; hblkhd: bytes in mmapped chunks;
+    fordblks: free bytes held inside arenas (not returned to the OS).
+    """
+    import ctypes
+
+    class _MallInfo2(ctypes.Structure):
+        _fields_ = [(name, ctypes.c_size_t) for name in
+                    ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks", "uordblks",
+                     "fordblks", "keepcost")]
+
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        libc.mallinfo2.restype = _MallInfo2
+    except (OSError, AttributeError):
+        return {}
+    info = libc.mallinfo2()
+    return {"arena": info.arena, "hblkhd": info.hblkhd, "hblks": info.hblks, "uordblks": info.uordblks,
+            "fordblks": info.fordblks}
