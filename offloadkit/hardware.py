@@ -29,7 +29,7 @@ from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fiel
 
 from .errors import HardwareError, PolicyError
 from .loading import _locate, _positions_of, _read_source, _translate
-from .schema import BYTES_PATTERN, parse_bytes
+from .schema import BYTES_PATTERN, VersionOne, parse_bytes
 from .yaml_source import YamlDocument
 
 BUILTIN_PACKAGE = "offloadkit.hardware_profiles"
@@ -160,7 +160,7 @@ class HardwareProfile(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, title="offloadkit hardware profile",
                               json_schema_extra={"$id": SCHEMA_ID})
 
-    version: Literal[1] = Field(description="Hardware profile format version. Always 1.")
+    version: VersionOne = Field(description="Hardware profile format version. Always 1.")
     name: str = Field(description="Short name shown in predictions, e.g. `rtx-4090-24gb`.")
     description: str | None = Field(None, description="What machine or card this is.")
     nominal: bool = Field(False, description="True: values come from spec sheets and stated assumptions, not "
@@ -184,14 +184,6 @@ class HardwareProfile(BaseModel):
         None, description="dtype the `compute` figure is for (float16 on accelerators, float32 on a CPU).")
     measured: Measurement | None = Field(None, description="How and when the values were measured; absent on "
                                          "nominal profiles.")
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _exactly_one(cls, value):
-        # YAML's `true` and `1.0` would pass as 1 in pydantic's lax mode; the JSON Schema says const 1.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"unsupported version {value!r}. This offloadkit reads `version: 1`")
-        return value
 
     @field_validator("measured")
     @classmethod

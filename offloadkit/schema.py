@@ -10,7 +10,7 @@ import json
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema
 
 from .strategies import STRATEGIES
 
@@ -47,6 +47,15 @@ class QuantizationRules(BaseModel):
         description="Components quantized by any other backend (torchao, quanto, GGUF, ...).",
     )
 
+
+def _exactly_one(value):
+    # YAML's `true` and `1.0` would pass as 1 in pydantic's lax mode; the JSON Schema says const 1.
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"unsupported version {value!r}. This offloadkit reads `version: 1`")
+    return value
+
+
+VersionOne = Annotated[Literal[1], BeforeValidator(_exactly_one)]  # the format version of policies and profiles
 
 _UNITS = {"": 1, "b": 1, "kb": 10**3, "mb": 10**6, "gb": 10**9, "tb": 10**12,
           "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
@@ -98,7 +107,7 @@ class Policy(BaseModel):
         json_schema_extra={"$id": SCHEMA_ID},
     )
 
-    version: Literal[1] = Field(description="Policy format version. Always 1.")
+    version: VersionOne = Field(description="Policy format version. Always 1.")
     name: str | None = Field(None, description="Short name shown in plans and traces.")
     description: str | None = Field(None, description="What the policy is for.")
     extends: str | None = Field(
@@ -131,14 +140,6 @@ class Policy(BaseModel):
         description="What to do with quantized components.",
     )
     budget: Budget | None = Field(None, description="Cap on resident weight bytes, checked at run time.")
-
-    @field_validator("version", mode="before")
-    @classmethod
-    def _exactly_one(cls, value):
-        # YAML's `true` and `1.0` would pass as 1 in pydantic's lax mode; the JSON Schema says const 1.
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"unsupported version {value!r}. This offloadkit reads `version: 1`")
-        return value
 
     # Where the policy came from, for error messages that point into the file.
     _document: object = PrivateAttr(default=None)
