@@ -88,6 +88,7 @@ import math
 from dataclasses import dataclass
 
 from .errors import PipelineError
+from .trace import stage_of
 
 STAGES = ("encode", "denoise", "decode")
 
@@ -369,10 +370,12 @@ def _pipeline_models(source) -> tuple[str, dict[str, _Model], dict]:
     return class_name, models, objects
 
 
-def _stage_of(component: str) -> str:
-    from .trace import stage_of
+def decodes_upcast(pipeline_class: str, vae_config: dict, dtype) -> bool:
+    """Whether the pipeline casts an fp16 VAE to float32 for the decode (SDXL does, when `force_upcast`)."""
+    from .schedule import family_of as pipeline_family
 
-    return stage_of(component)
+    return (pipeline_family(pipeline_class) == "sdxl" and bool(vae_config.get("force_upcast"))
+            and str(dtype).lower().removeprefix("torch.") in ("fp16", "float16", "half"))
 
 
 def component_working_memory(source, *, height: int, width: int, batch: int = 1, dtype="fp16",
@@ -399,14 +402,13 @@ def component_working_memory(source, *, height: int, width: int, batch: int = 1,
     for name, model in models.items():
         family = _FAMILIES[model.class_name]
         role = _ROLES[family]
-        if _stage_of(name) != role:
+        if stage_of(name) != role:
             continue  # a model in an unexpected slot: no formula for that use
         component_dtype, tokens = dtype, None
         if family == "t5":
             tokens = T5_TOKENS.get(pipeline_class, _T5_DEFAULT)
-        if family == "vae" and "XL" in pipeline_class and model.config.get("force_upcast") and dtype_bytes(dtype) == 2 \
-                and str(dtype).lower().removeprefix("torch.") in ("fp16", "float16", "half"):
-            component_dtype = "fp32"  # StableDiffusionXLPipeline upcasts an fp16 VAE for decoding
+        if family == "vae" and decodes_upcast(pipeline_class, model.config, dtype):
+            component_dtype = "fp32"
         found[name] = working_memory(objects[name], role=role, height=height, width=width, batch=batch,
                                      dtype=component_dtype, guidance=guidance, num_frames=num_frames,
                                      text_tokens=tokens, latent_scale=scale)
@@ -429,6 +431,6 @@ def stage_working_memory(source, *, height: int, width: int, batch: int = 1, dty
     per_model = component_working_memory(source, height=height, width=width, batch=batch, dtype=dtype,
                                          guidance=guidance, num_frames=num_frames)
     for name, nbytes in per_model.items():
-        stage = _stage_of(name)
+        stage = stage_of(name)
         stages[stage] = max(stages[stage], nbytes)
     return stages

@@ -54,8 +54,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--pipeline", metavar="MODEL", required=True,
                        help="built-in architecture (see `offloadkit list`) or model folder")
     synth.add_argument("--hardware", metavar="PROFILE", help="hardware profile file or built-in name")
-    synth.add_argument("--vram", metavar="SIZE", help="device memory the call may use, e.g. 8GiB (default: the "
-                                                      "profile's memory less the runtime overhead)")
+    synth.add_argument("--vram", metavar="SIZE", type=_size_argument,
+                       help="device memory the call may use, e.g. 8GiB (default: the profile's memory less the "
+                            "runtime overhead)")
     synth.add_argument("--device", help="device of the policy (default: the profile's, else cuda)")
     synth.add_argument("-o", "--output", type=Path, help="write the policy here (default: print it)")
     synth.add_argument("--force", action="store_true", help="overwrite --output if it exists")
@@ -105,6 +106,15 @@ def _positive(text: str) -> int:
     return value
 
 
+def _size_argument(text: str) -> int:
+    from .schema import parse_bytes
+
+    try:
+        return parse_bytes(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def _call_settings(args):
     from .schedule import CallSettings
 
@@ -146,13 +156,22 @@ def _validate(args) -> int:
         print("error: --hardware predicts memory, which needs sizes: give --pipeline as a built-in architecture "
               "(see `offloadkit list`) or a model folder", file=sys.stderr)
         return 2
+    hardware = None
+    if args.hardware:
+        from .hardware import load_hardware
+
+        try:
+            hardware = load_hardware(args.hardware)
+        except OffloadkitError as exc:
+            print(f"error: --hardware: {exc}", file=sys.stderr)
+            return 2
     failed = 0
     spec = None
     for name in args.files:
         try:
             policy = load(name)
-            if args.hardware:
-                problem = _hardware_problem(policy, args)
+            if hardware is not None:
+                problem = _hardware_problem(policy, hardware, args)
                 if problem:
                     failed += 1
                     print(f"{name}: {problem}", file=sys.stderr)
@@ -172,13 +191,11 @@ def _validate(args) -> int:
     return 1 if failed else 0
 
 
-def _hardware_problem(policy, args) -> str | None:
+def _hardware_problem(policy, hardware, args) -> str | None:
     """Why the policy's predicted call does not fit the hardware or its own budget, or None."""
-    from .hardware import load_hardware
     from .plans import format_bytes
     from .prediction import predict
 
-    hardware = load_hardware(args.hardware)
     prediction = predict(args.pipeline, policy, hardware=hardware, settings=_call_settings(args))
     stages = ", ".join(f"{s.stage} {format_bytes(s.device_peak_bytes)}" for s in prediction.stages)
     if prediction.required_device_bytes > hardware.device_memory:
@@ -259,11 +276,18 @@ def _calibrate(args) -> int:
         print(f"error: {args.output} exists; it was left as it is. Choose another --output or add --force",
               file=sys.stderr)
         return 1
+    if args.output is not None and not args.output.parent.is_dir():  # before 10-20 s of measuring
+        print(f"error: {args.output.parent} is not a folder. Choose another --output", file=sys.stderr)
+        return 1
     text = dump_hardware_yaml(calibrate(args.device, quick=args.quick, folder=args.folder))
     if args.output is None:
         print(text, end="")
         return 0
-    args.output.write_text(text, encoding="utf-8")
+    try:
+        args.output.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        print(f"error: cannot write {args.output} ({exc.strerror or exc}). Choose another --output", file=sys.stderr)
+        return 1
     print(f"wrote {args.output}")
     return 0
 

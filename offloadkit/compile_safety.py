@@ -4,7 +4,8 @@ A hook's `pre_forward` reads and writes Python state (residency flags, trace
 counters, timers). Traced by dynamo, each of those becomes a guard or a graph
 break, and a guard on a value that changes between calls (a call counter, a
 residency flag) recompiles the model on the next call. Accelerate marks its own
-hooks the same way.
+hooks the same way (its private `accelerate.hooks._compiler_disable`, which this
+mirrors rather than imports, being private).
 """
 
 from __future__ import annotations

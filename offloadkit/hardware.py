@@ -27,7 +27,7 @@ from typing import Annotated, Literal
 from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, \
     WithJsonSchema, field_validator
 
-from .errors import HardwareError, PolicyError
+from .errors import DeviceError, HardwareError, PolicyError
 from .loading import _locate, _positions_of, _read_source, _translate
 from .schema import BYTES_PATTERN, VersionOne, parse_bytes
 from .yaml_source import YamlDocument
@@ -391,7 +391,7 @@ def _host_memory() -> int:
     try:  # macOS and other Unixes without /proc
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError, AttributeError):
-        raise HardwareError("cannot read the host memory size (no /proc/meminfo, no sysconf). Write "
+        raise DeviceError("cannot read the host memory size (no /proc/meminfo, no sysconf). Write "
                             "`host_memory` into the profile by hand") from None
 
 
@@ -544,7 +544,7 @@ def _disk_read(folder: str | None, size: int, repeats: int, notes: list) -> int:
     try:
         handle, path = tempfile.mkstemp(prefix="offloadkit-calibrate-", suffix=".bin", dir=folder)
     except OSError as exc:
-        raise HardwareError(f"cannot create the disk test file in {folder!r} ({exc.strerror}). Pass a writable "
+        raise DeviceError(f"cannot create the disk test file in {folder!r} ({exc.strerror}). Pass a writable "
                             "folder on the disk that holds the offloaded weights") from None
     try:
         try:
@@ -558,7 +558,7 @@ def _disk_read(folder: str | None, size: int, repeats: int, notes: list) -> int:
         cold = [_read_seconds(path, view, drop=True) for _ in range(repeats)]
         cached, _ = _read_seconds(path, view, drop=False)  # the page cache's speed, to judge the cold reads by
     except OSError as exc:
-        raise HardwareError(f"the disk test in {folder!r} failed ({exc.strerror}). Free some space or pass "
+        raise DeviceError(f"the disk test in {folder!r} failed ({exc.strerror}). Free some space or pass "
                             "another folder") from None
     finally:
         try:
@@ -604,6 +604,9 @@ def calibrate(device: str = "auto", *, quick: bool = False, folder: str | os.Pat
         module_sync = getattr(torch, device.type).synchronize
         sync = module_sync if device.type == "mps" else (lambda: module_sync(device))
 
+    if folder is not None and not os.access(folder, os.W_OK):  # checked before the 10-20 s of measuring
+        raise DeviceError(f"cannot write the disk test file in {os.fspath(folder)!r} (not a writable folder). "
+                            "Pass a writable folder on the disk that holds the offloaded weights")
     transfer_size = (16 if quick else 256) * 2**20
     disk_size = (16 if quick else 512) * 2**20
     repeats = 3 if quick else 10

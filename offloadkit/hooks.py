@@ -31,6 +31,7 @@ class ComponentState:
 
     def __init__(self, name: str, nbytes: int, trace, keep: bool = False):
         self.name = name
+        self.stage = stage_of(name)
         self.nbytes = nbytes
         self.trace = trace
         self.keep = keep  # once onloaded, only remove() offloads it
@@ -49,8 +50,8 @@ class ChainOffloadHook(CpuOffload):
     def __init__(self, execution_device, prev_module_hook, state: ComponentState):
         super().__init__(execution_device=execution_device, prev_module_hook=prev_module_hook)
         self.state = state
-        self.prefetch_next = None  # (hook, module) of the next model in the chain when it is prefetched
-        self.stream = None  # the side stream prefetches of this component run on (CUDA), else None
+        self.prefetch_next = None  # the hook of the next model in the chain, when that one is prefetched
+        self.stream = None  # the side stream this component's prefetches run on (CUDA), else None
 
     def init_hook(self, module):
         """Offload to host RAM (also what `UserCpuOffloadHook.offload()` calls)."""
@@ -74,11 +75,11 @@ class ChainOffloadHook(CpuOffload):
             previous.offload()
             empty_cache(self.execution_device)
         moved = self._onload(module)
-        self.state.trace.running(self.state.name)
+        self.state.trace.running(self.state.stage)
         # queued after this model's own upload, which is needed first
         following = self.prefetch_next
-        if following is not None and not following[0].state.resident:
-            following[0].prefetch(following[1], during=self.state.name)
+        if following is not None and not following.state.resident:
+            following.prefetch(during=self.state.stage)
         if not moved:
             return args, kwargs
         return send_to_device(args, self.execution_device), send_to_device(kwargs, self.execution_device)
@@ -102,15 +103,24 @@ class ChainOffloadHook(CpuOffload):
                            time.perf_counter() - start)
         return True
 
-    def prefetch(self, module, during: str) -> None:
-        """Start the upload now, as the model before it in the chain (`during`) starts its forward."""
+    @compiler_disabled
+    def post_forward(self, module, output):
+        # The compute stream waits for a prefetch started during this forward before anything after
+        # the forward runs: code between models (SDXL casts its VAE to float32) may touch its weights.
+        following = self.prefetch_next
+        if following is not None:
+            following.state.host_copy.wait(self.execution_device)
+        return output
+
+    def prefetch(self, during: str) -> None:
+        """Start the upload now, as the model before it in the chain starts its forward (in stage `during`)."""
         state = self.state
         start = time.perf_counter()
         state.host_copy.onload(self.execution_device, stream=self.stream)
         state.resident = True
         # On CUDA the seconds are the host's time queueing the copies; the copies themselves overlap.
         state.trace.record(state.name, "prefetch", HOST, self.execution_device, state.nbytes,
-                           time.perf_counter() - start, stage=stage_of(during))
+                           time.perf_counter() - start, stage=during)
 
 
 def attach_chain_hook(ctx, name, module, previous, keep: bool = False, transfer: str = "standard",
@@ -130,7 +140,7 @@ def attach_chain_hook(ctx, name, module, previous, keep: bool = False, transfer:
     hook = ChainOffloadHook(ctx.device, previous, state)
     if prefetch and previous is not None:  # the plan leaves the first model of a wildcard rule without one
         hook.stream = ctx.prefetch_stream()
-        previous.hook.prefetch_next = (hook, module)
+        previous.hook.prefetch_next = hook
     add_hook_to_module(module, hook, append=False)
     ctx.hooked[name] = hook
     return UserCpuOffloadHook(module, hook)

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field
 
+from .pipeline_spec import module_bytes
 from .plans import Plan, format_bytes
 from .schedule import CallSchedule, CallSettings
 from .streams import StreamProfile, stream_profile
@@ -224,8 +225,7 @@ class _Replay:
                 if name not in self.resident:
                     self.resident[name] = c.bytes or 0
                     self._record(name, "onload", c.bytes or 0)
-                    self._traced(stage, sum(self.resident.values()))
-                self._traced(stage, sum(self.resident.values()))
+                self._traced(stage, sum(self.resident.values()))  # the onload, then the forward's start
                 following = sequence[index + 1] if index is not None and index + 1 < len(sequence) else None
                 if following and self.components[following].options.get("prefetch") \
                         and following not in self.resident:
@@ -423,7 +423,7 @@ def prediction_context(source, *, hardware=None, settings: CallSettings | None =
     present = [c.name for c in spec.components if c.is_model and c.present]
     call = schedule(spec.class_name, present, settings, offload_seq=spec.offload_seq or (),
                     force_zeros_for_empty_prompt=force_zeros)
-    working, overhead = _working_memory(source, modules, settings, target)
+    working, overhead = _working_memory(source, spec.class_name, modules, settings, target)
     missing = sorted(set(modules) - set(working or {}))
     if missing:
         notes.append(f"no working-memory estimate for {', '.join(missing)}: weights only for them")
@@ -444,15 +444,10 @@ def _hardware(hardware):
     return load_hardware(hardware)
 
 
-_BUILT: dict = {}  # (folder, dtype) -> models on meta: built once per process, only read afterwards
-
-
 def _source(source, dtype):
     """(PipelineSpec with sizes, models by name, force_zeros_for_empty_prompt) of a source."""
-    from dataclasses import replace
-
     from . import sizing
-    from .pipeline_spec import spec_from_class, spec_from_pipeline
+    from .pipeline_spec import spec_from_pipeline
 
     if hasattr(source, "components") and not isinstance(source, str):
         spec = spec_from_pipeline(source)
@@ -460,26 +455,12 @@ def _source(source, dtype):
         config = getattr(source, "config", {}) or {}
         return spec, modules, bool(config.get("force_zeros_for_empty_prompt", True))
     folder = sizing.model_folder(source)
-    class_name, _ = sizing.read_model_index(folder)
-    key = (str(folder), dtype)
-    if key not in _BUILT:
-        _BUILT[key] = sizing.build_components(folder, dtype=dtype)
-    modules = _BUILT[key]
-    spec = spec_from_class(class_name)
-    components = []
-    for component in spec.components:
-        module = modules.get(component.name)
-        if module is not None:
-            component = replace(component, type_name=type(module).__name__,
-                                bytes=sizing.size_module(module).bytes, present=True)
-        elif component.is_model:
-            component = replace(component, present=False)
-        components.append(component)
-    index = sizing._read_json(folder / sizing.MODEL_INDEX)
-    return replace(spec, components=tuple(components)), modules, bool(index.get("force_zeros_for_empty_prompt", True))
+    spec = sizing.spec_from_folder(folder, dtype=dtype)
+    modules = sizing.build_components(folder, dtype=dtype)  # built once by spec_from_folder, shared
+    return spec, modules, bool(sizing.pipeline_settings(folder).get("force_zeros_for_empty_prompt", True))
 
 
-def _working_memory(source, modules, settings: CallSettings, device: str):
+def _working_memory(source, class_name: str, modules, settings: CallSettings, device: str):
     """(component -> working memory of one forward, runtime overhead); (None, overhead) without the estimate."""
     try:
         from . import activations
@@ -490,6 +471,10 @@ def _working_memory(source, modules, settings: CallSettings, device: str):
     working = activations.component_working_memory(
         source, height=settings.height, width=settings.width, batch=settings.batch, dtype=dtype,
         guidance=settings.guidance, num_frames=settings.num_frames)
+    vae = modules.get("vae")
+    if vae is not None and "vae" in working and activations.decodes_upcast(
+            class_name, dict(getattr(vae, "config", {}) or {}), dtype):
+        working["vae"] += module_bytes(vae)  # the float32 copy of its weights, beside the fp16 ones counted
     return working, overhead
 
 

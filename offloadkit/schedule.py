@@ -21,9 +21,12 @@ diffusers pipelines' `encode_prompt` and denoising loops:
   as separate forwards).
 - The VAE decodes once at the end (a safety checker, where loaded, runs after it).
 
-Pipelines outside these families get the generic rule (encoders in
-`model_cpu_offload_seq` order, once, twice under guidance; the denoiser once a
-step; the VAE once), and the plan says it is assumed.
+These rules were checked for the text-to-image (text-to-video) classes in
+`CHECKED`. Other classes of the same families (img2img, inpainting, ...: they also
+run the VAE's encoder) get their family's rule, and pipelines outside these
+families the generic one (encoders in `model_cpu_offload_seq` order, once, twice
+under guidance; the denoiser once a step; the VAE once); for both the schedule is
+marked assumed, and the plan says so.
 """
 
 from __future__ import annotations
@@ -31,6 +34,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 DENOISERS = ("unet", "transformer", "prior", "decoder")
+CHECKED = frozenset({"StableDiffusionPipeline", "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline",
+                     "StableDiffusionXLControlNetPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                     "WanPipeline"})
 
 
 @dataclass(frozen=True)
@@ -72,7 +78,6 @@ def family_of(class_name: str) -> str:
 class CallSchedule:
     """The model forwards of one call, in order (a name per forward), and whether the rule is assumed."""
 
-    family: str
     forwards: tuple[str, ...]
     assumed: bool
 
@@ -113,7 +118,7 @@ def schedule(class_name: str, present: list[str], settings: CallSettings, *, off
     step = only("controlnet") + ([denoiser] * per_step if denoiser else [])
     forwards += step * settings.steps
     forwards += only("vae", "safety_checker")
-    return CallSchedule(family, tuple(forwards), assumed=family == "generic")
+    return CallSchedule(tuple(forwards), assumed=class_name not in CHECKED)
 
 
 def _encoder_order(name: str) -> int:

@@ -146,6 +146,16 @@ def read_model_index(source: str | os.PathLike) -> tuple[str, dict[str, tuple[st
     return class_name, components
 
 
+def pipeline_settings(source: str | os.PathLike) -> dict:
+    """The pipeline's own settings in ``model_index.json`` (e.g. ``force_zeros_for_empty_prompt``).
+
+    >>> pipeline_settings("sdxl")["force_zeros_for_empty_prompt"]
+    True
+    """
+    index = _read_json(model_folder(source) / MODEL_INDEX)
+    return {k: v for k, v in index.items() if not k.startswith("_") and not isinstance(v, list)}
+
+
 def _resolve_class(library: str, class_name: str, *, where: Path, component: str):
     # diffusers writes a pipeline module name as the library for pipeline-specific
     # classes (["stable_diffusion", "StableDiffusionSafetyChecker"]).
@@ -310,13 +320,25 @@ def build_component(source: str | os.PathLike, name: str, *, dtype: str | None =
     return module.eval()
 
 
+_BUILT: dict = {}  # (folder, dtype) -> models on meta, built once per process
+
+
 def build_components(source: str | os.PathLike, *, dtype: str | None = None) -> dict:
     """Every model component of a model folder, built on ``meta`` (non-model entries skipped).
+
+    Built once per process for a folder and dtype and shared afterwards: treat them as read-only.
 
     >>> sorted(build_components("sdxl"))
     ['text_encoder', 'text_encoder_2', 'unet', 'vae']
     """
     folder = model_folder(source)
+    key = (str(folder.resolve()), dtype)
+    if key not in _BUILT:
+        _BUILT[key] = _build_components(folder, dtype)
+    return dict(_BUILT[key])
+
+
+def _build_components(folder: Path, dtype: str | None) -> dict:
     _, components = read_model_index(folder)
     built = {}
     for name, entry in components.items():

@@ -87,7 +87,10 @@ class StreamStats:
     """
 
     def __init__(self, component: str, tier: str, trace):
+        from .trace import stage_of
+
         self.component = component
+        self.stage = stage_of(component)
         self.tier = tier
         self.trace = trace
         self.bytes = 0
@@ -105,7 +108,7 @@ class StreamStats:
             result = load(*args, **kwargs)
             self.seconds += time.perf_counter() - start
             self.bytes += nbytes
-            self.trace.stream_load(self.component, nbytes)
+            self.trace.stream_load(self.component, self.stage, nbytes)
             return result
 
         return wrapper

@@ -58,7 +58,10 @@ class Synthesis:
         if path.exists() and not overwrite:
             raise SynthesisError(f"{path} exists; it was left as it is. Choose another file or allow overwriting "
                                  "(--force)")
-        path.write_text(self.text, encoding="utf-8")
+        try:
+            path.write_text(self.text, encoding="utf-8")
+        except OSError as exc:
+            raise SynthesisError(f"cannot write {path} ({exc.strerror or exc}). Choose another file") from None
 
 
 def _rule(strategy: str, device_type: str) -> dict:
@@ -93,7 +96,10 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
     nominal = hardware is None
     context = prediction_context(source, hardware=hardware or NOMINAL_HARDWARE, settings=settings, device=device)
     if budget is not None:
-        limit = parse_bytes(budget)
+        try:
+            limit = parse_bytes(budget)
+        except ValueError as exc:
+            raise SynthesisError(f"budget: {exc}") from None
         limit_source = f"budget {format_bytes(limit)}"
     elif not nominal:
         limit = context.hardware.device_memory - context.overhead

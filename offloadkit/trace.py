@@ -78,6 +78,7 @@ class Trace:
     started: float = field(default_factory=time.perf_counter)
     resident: dict = field(default_factory=dict)  # component -> bytes on the device now
     streaming: int = 0  # bytes of streamed components' pieces (layers, blocks, groups) on the device now
+    resident_bytes: int = 0  # the sum of `resident`, kept as it changes (read on every layer of a stream)
     budget_bytes: int | None = None
     on_exceed: str = "warn"
     summaries: list = field(default_factory=list)
@@ -85,9 +86,15 @@ class Trace:
     _stage_peaks: dict = field(default_factory=dict)
     _call_first_event: int = 0  # index of the current call's first event: end_call reads no older ones
 
+    def _set_resident(self, component: str, nbytes: int | None) -> None:
+        self.resident_bytes -= self.resident.pop(component, 0)
+        if nbytes is not None:
+            self.resident[component] = nbytes
+            self.resident_bytes += nbytes
+
     def place(self, component: str, nbytes: int) -> None:
         """A component put on the device without a traced move (resident strategy on the same device)."""
-        self.resident[component] = nbytes
+        self._set_resident(component, nbytes)
         self._check_budget(component)
 
     def record(self, component: str, action: str, source, target, nbytes: int, seconds: float,
@@ -95,9 +102,9 @@ class Trace:
         """One move. `stage` defaults to the component's own (a prefetch happens during its predecessor's)."""
         onload = action in ("onload", "prefetch")
         if onload:
-            self.resident[component] = nbytes
+            self._set_resident(component, nbytes)
         elif action == "offload":
-            self.resident.pop(component, None)
+            self._set_resident(component, None)
         # "stream": the pieces were counted as they came and went (stream_load / stream_drop)
         total = self.resident_bytes
         stage = stage or stage_of(component)
@@ -107,14 +114,14 @@ class Trace:
             self._peak(stage, total + self.streaming)
             self._check_budget(component)
 
-    def running(self, component: str) -> None:
+    def running(self, stage: str) -> None:
         """A hooked component's forward starts: what is on the device now counts for its stage's peak."""
-        self._peak(stage_of(component), self.resident_bytes + self.streaming)
+        self._peak(stage, self.resident_bytes + self.streaming)
 
-    def stream_load(self, component: str, nbytes: int) -> None:
+    def stream_load(self, component: str, stage: str, nbytes: int) -> None:
         """A piece of a streamed component was put on the device (called for every layer/block/group)."""
         self.streaming += nbytes
-        self._peak(stage_of(component), self.resident_bytes + self.streaming)
+        self._peak(stage, self.resident_bytes + self.streaming)
         if self.budget_bytes is not None:
             self._check_budget(component)
 
@@ -126,10 +133,6 @@ class Trace:
             self._call_peak = total
         if total > self._stage_peaks.get(stage, 0):
             self._stage_peaks[stage] = total
-
-    @property
-    def resident_bytes(self) -> int:
-        return sum(self.resident.values())
 
     def _check_budget(self, component: str) -> None:
         total = self.resident_bytes + self.streaming

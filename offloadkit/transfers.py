@@ -6,9 +6,12 @@ host copy again (`copy-free`). With `pinned`, the host copy lives in page-locked
 memory and onloads are non-blocking copies, which the GPU can overlap.
 
 A prefetch (`onload(device, stream)`) makes the copies on a side stream. The device
-memory is allocated on the compute stream (so the allocator never hands it to other
-work while the copy runs), the side stream first waits for the compute stream's
-queued work, and the compute stream waits for the copies (`wait`) before first use.
+memory is allocated on the compute stream and marked as used by the side stream
+(`record_stream`), so however it is freed (an offload, a cast such as SDXL's VAE
+upcast, `remove()`), the allocator does not hand it out again before the copy is
+done. The side stream first waits for the compute stream's queued work (the memory
+may have just been freed by it); the compute stream waits for the copies (`wait`)
+before anything on it can read them.
 """
 
 from __future__ import annotations
@@ -64,6 +67,7 @@ class HostCopy:
         with torch.cuda.stream(stream):
             for tensor, host, target in pairs:
                 target.copy_(host, non_blocking=True)
+                target.record_stream(stream)
             self.pending = torch.cuda.Event()
             self.pending.record(stream)
         for tensor, _, target in pairs:
@@ -78,9 +82,7 @@ class HostCopy:
             self.pending = None
 
     def offload(self) -> None:
-        if self.pending is not None:  # prefetched but never used: the copies must end before their memory goes
-            self.pending.synchronize()
-            self.pending = None
+        self.pending = None  # prefetched and never used: record_stream keeps the memory until the copy is done
         # Drop the device copies: the host tensors still hold the same values, unless the model was
         # converted while on the device (SDXL's pipeline upcasts its VAE to float32 mid-call): then copy back.
         for index, (tensor, host) in enumerate(self.entries):

@@ -104,3 +104,18 @@ def test_prefetch_on_a_side_stream_on_cuda():
     torch.cuda.synchronize()
     assert torch.cuda.memory_allocated() < 1024 * 1024  # nothing left on the device between calls
     handle.remove()
+
+
+def test_prefetched_vae_survives_sdxl_upcasting_it_before_decode():
+    # SDXL casts an fp16 VAE to float32 between the UNet and the decode: that cast must not read (or free)
+    # the prefetched weights before their side-stream copies are done.
+    pipe = tiny_pipeline("sdxl").to(torch.float16)
+    pipe.vae.register_to_config(force_upcast=True)
+    reference = run(pipe.to("cuda"))
+    pipe.to("cpu")
+    pipe.vae.to(torch.float16)
+    offloadkit.apply(pipe, {"version": 1, "device": "cuda", "components": {
+        "unet": {"strategy": "model", "transfer": "pinned"},
+        "vae": {"strategy": "model", "transfer": "pinned", "prefetch": True}}})
+    for _ in range(2):
+        np.testing.assert_allclose(run(pipe), reference, atol=1e-3)

@@ -75,6 +75,8 @@ def test_schedules_follow_the_pipelines_call_structure():
     control = schedule("StableDiffusionControlNetPipeline", ["text_encoder", "unet", "controlnet", "vae"], steps)
     assert control.forwards[2:4] == ("controlnet", "unet") and not control.assumed
     assert schedule("SomeNewPipeline", ["text_encoder", "transformer", "vae"], steps).assumed
+    # a variant of a checked family (img2img also runs the VAE's encoder): its family's rule, marked assumed
+    assert schedule("StableDiffusionXLImg2ImgPipeline", sdxl, steps).assumed
 
 
 GOLDEN = Path(__file__).parent / "golden" / "predictions"
