@@ -268,3 +268,19 @@ def test_calibrate_writes_a_profile_that_loads(tmp_path, capsys):
     profile = load_hardware(out)
     assert profile.device == "cpu" and not profile.nominal and profile.h2d_pageable > 0
     assert main(["calibrate", "--device", "cpu", "--quick", "-o", str(out)]) == 1  # exists: kept
+
+
+def test_planning_commands_give_one_line_errors(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exit_info:  # argparse: usage error
+        main(["synthesize", "--pipeline", "sd15", "--vram", "lots"])
+    assert exit_info.value.code == 2
+    assert "cannot read 'lots' as a size" in capsys.readouterr().err
+    assert main(["synthesize", "--pipeline", "sd15", "--vram", "8GiB", "-o", str(tmp_path / "no" / "p.yaml")]) == 1
+    assert "cannot write" in capsys.readouterr().err
+    assert main(["validate", "diffusers-default", "sequential", "--pipeline", "sdxl", "--hardware", "nope.yaml"]) == 2
+    err = capsys.readouterr().err
+    assert err.count("hardware profile file 'nope.yaml' not found") == 1
+    assert main(["plan", "diffusers-default", "--pipeline", str(tmp_path)]) == 1
+    assert "model_index.json not found" in capsys.readouterr().err
+    assert main(["calibrate", "--device", "cpu", "--quick", "--folder", str(tmp_path / "missing")]) == 1
+    assert "not a writable folder" in capsys.readouterr().err
