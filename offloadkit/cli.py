@@ -36,7 +36,9 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="print the plan of a policy for a pipeline class (no weights)")
     explain.add_argument("policy", metavar="POLICY", help="policy file or built-in name")
-    explain.add_argument("--pipeline", metavar="CLASS", required=True, help="diffusers pipeline class name")
+    explain.add_argument("--pipeline", metavar="CLASS|MODEL", required=True,
+                         help="diffusers pipeline class name, or a built-in architecture or model folder (then "
+                              "with sizes, fp16)")
     explain.add_argument("--device", help="override the policy's device (shown as given)")
     explain.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
 
@@ -216,7 +218,7 @@ def _spec_for(pipeline: str):
     if _is_model_source(pipeline):
         from .sizing import spec_from_folder
 
-        return spec_from_folder(pipeline)
+        return spec_from_folder(pipeline, dtype="fp16")  # as `plan` sizes them by default
     return _class_spec(pipeline)
 
 
@@ -231,7 +233,7 @@ def _explain(args) -> int:
     from .resolve import resolve
 
     policy = load(args.policy)
-    spec = _class_spec(args.pipeline)
+    spec = _spec_for(args.pipeline)  # an architecture or model folder also gives sizes
     from .device import device_label
 
     plan = resolve(policy, spec, device_label(args.device or policy.device))

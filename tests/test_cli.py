@@ -284,3 +284,10 @@ def test_planning_commands_give_one_line_errors(tmp_path, capsys):
     assert "model_index.json not found" in capsys.readouterr().err
     assert main(["calibrate", "--device", "cpu", "--quick", "--folder", str(tmp_path / "missing")]) == 1
     assert "not a writable folder" in capsys.readouterr().err
+
+
+def test_explain_with_an_architecture_shows_sizes(capsys):
+    assert main(["explain", "diffusers-default", "--pipeline", "sdxl", "--device", "cuda"]) == 0
+    out = capsys.readouterr().out
+    assert "unet            UNet2DConditionModel" in out and "4.8 GiB" in out  # fp16 weights of the 2.57B UNet
+    assert "image_encoder" not in out.split("offload chain:")[1].splitlines()[0]  # not in this model's folder
