@@ -22,6 +22,7 @@ critical path only when the work they overlap is longer than they are.
 
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import asdict, dataclass, field
 
 from .pipeline_spec import module_bytes
@@ -297,9 +298,7 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
             transfer_seconds=sum(e.seconds for e in stage_events if not e.overlapped) if timed else None,
             overlapped_seconds=sum(e.seconds for e in stage_events if e.overlapped) if timed else None,
         ))
-    counts = {}
-    for name in schedule.forwards:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(schedule.forwards)
     notes = []
     if working_memory is None:
         notes.append("working memory not estimated: the device peak counts weights only")
@@ -311,7 +310,7 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
         policy=plan.policy,
         device=plan.device,
         hardware=getattr(hardware, "name", None),
-        settings={k: v for k, v in asdict(settings).items()},
+        settings=asdict(settings),
         schedule=", ".join(f"{n} x{k}" for n, k in counts.items()),
         schedule_assumed=schedule.assumed,
         stages=tuple(stages),
