@@ -204,8 +204,6 @@ def _reasons(context, searched, choice, rules, limit) -> dict:
 
 
 def _yaml(name, context, rules, reasons, prediction, limit_source, candidates, fitting, nominal) -> str:
-    import yaml
-
     from .schema import SCHEMA_ID
 
     s = prediction.settings
@@ -224,18 +222,18 @@ def _yaml(name, context, rules, reasons, prediction, limit_source, candidates, f
         f"(+ {format_bytes(prediction.runtime_overhead_bytes)} runtime overhead), {time}.{rates}",
         "# Check it with `offloadkit plan` before use; re-run synthesize when the pipeline or card changes.",
         "version: 1",
-        f"name: {yaml.safe_dump(name, default_style=None).strip().removesuffix('...').strip()}",
+        _yaml_entry("name", name),
         f"device: {context.device.split(':')[0] if context.device.endswith(':0') else context.device}",
         "components:",
     ]
     for component, rule in rules.items():
         lines.append(f"  # {reasons[component]}")
-        body = ", ".join(f"{k}: {_scalar(v)}" for k, v in rule.items())
-        lines.append(f"  {component}: {{{body}}}")
+        lines.append("  " + _yaml_entry(component, rule))
     return "\n".join(lines) + "\n"
 
 
-def _scalar(value) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    return str(value)
+def _yaml_entry(key: str, value) -> str:
+    """`key: value` on one line (a mapping in flow style), quoted only where YAML needs it."""
+    import yaml
+
+    return yaml.safe_dump({key: value}, default_flow_style=True, sort_keys=False, width=1000).strip()[1:-1]

@@ -153,6 +153,11 @@ def test_sdxl_decodes_in_fp32_and_stages_take_the_largest_component():
     assert stages["decode"] == vae  # StableDiffusionXLPipeline upcasts a force_upcast VAE
     sd15 = stage_working_memory("sd15", height=512, width=512, batch=1, dtype="fp16", guidance=True)
     assert sd15["decode"] == working_memory(build_component("sd15", "vae"), role="decode", height=512, width=512)
+    # the per-model figures the planner uses: each stage is the largest of its models
+    per_model = component_working_memory("sdxl", height=1024, width=1024, dtype="fp16")
+    assert set(per_model) == {"text_encoder", "text_encoder_2", "unet", "vae"}
+    assert stages["encode"] == max(per_model["text_encoder"], per_model["text_encoder_2"])
+    assert (stages["denoise"], stages["decode"]) == (per_model["unet"], per_model["vae"])
 
 
 def test_loaded_pipeline_source(tiny):
