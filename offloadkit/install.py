@@ -19,7 +19,8 @@ from .device import empty_cache, module_device, resolve_device
 from .errors import PipelineError
 from .pipeline_class import HANDLE_ATTR, offloaded_class
 from .loading import load
-from .pipeline_spec import module_bytes, spec_from_pipeline
+from .pipeline_spec import spec_from_pipeline
+from .storage import module_bytes
 from .plans import Plan
 from .resolve import resolve
 from .strategies import STRATEGIES

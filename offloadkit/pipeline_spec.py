@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import PipelineError, did_you_mean
+from .storage import module_bytes
 
 # Constructor parameters with these types are settings, not components.
 _SETTING_TYPES = (bool, int, float, str, bytes, list, tuple, dict, type(None))
@@ -87,18 +88,6 @@ def quant_backend_of(module) -> str | None:
         return None
     method = str(method).lower()
     return "quanto" if "quanto" in method else method
-
-
-def module_bytes(module) -> int:
-    """Bytes of a module's parameters and buffers as stored (quantized storage counted as stored)."""
-    seen = set()
-    total = 0
-    for tensor in list(module.parameters()) + list(module.buffers()):
-        if id(tensor) in seen:
-            continue
-        seen.add(id(tensor))
-        total += tensor.numel() * tensor.element_size()
-    return total
 
 
 def spec_from_pipeline(pipe) -> PipelineSpec:

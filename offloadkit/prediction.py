@@ -25,7 +25,7 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import asdict, dataclass, field
 
-from .pipeline_spec import module_bytes
+from .storage import module_bytes
 from .plans import Plan, format_bytes
 from .schedule import CallSchedule, CallSettings
 from .streams import StreamProfile, stream_profile

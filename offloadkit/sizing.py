@@ -398,9 +398,9 @@ def size_module(module, name: str = "", *, block_modules: list[str] | None = Non
     >>> size_module(torch.nn.Linear(4, 4), "head").bytes
     80
     """
-    from accelerate.utils import compute_module_sizes
+    from .storage import module_sizes
 
-    sizes = dict(compute_module_sizes(module))
+    sizes = module_sizes(module)
     total = sizes.get("", 0)
     if block_modules is None:
         block_modules = getattr(module, "_group_offload_block_modules", None)

@@ -127,13 +127,15 @@ class StreamStats:
 
     def watch(self, module) -> None:
         """Count each offloading Accelerate hook's loads (`pre_forward`) and drops (`post_forward`)."""
+        from .storage import tensor_bytes
+
         for _, sub, keys in offloading_modules(module):
             hook = sub._hf_hook
             for inner in getattr(hook, "hooks", (hook,)):
                 if not getattr(inner, "offload", False):
                     continue
                 tensors = _tensors(sub, inner.place_submodules, inner.offload_buffers)
-                nbytes = sum(t.numel() * t.element_size() for t in tensors)
+                nbytes = sum(tensor_bytes(t) for t in tensors)
                 inner.pre_forward = self.loads(inner.pre_forward, nbytes)
                 inner.post_forward = self.drops(inner.post_forward, nbytes)
 

@@ -38,7 +38,9 @@ class StreamProfile:
 
 
 def _nbytes(tensors) -> int:
-    return sum(t.numel() * t.element_size() for t in tensors)
+    from .storage import tensor_bytes
+
+    return sum(tensor_bytes(t) for t in tensors)
 
 
 def _own(module, buffers: bool) -> int:

@@ -76,6 +76,8 @@ def _watch_groups(stats, module) -> None:
     from diffusers.hooks import HookRegistry
     from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
 
+    from ..storage import tensor_bytes
+
     groups = {}
     for sub in module.modules():
         registry = getattr(sub, "_diffusers_hook", None)
@@ -85,7 +87,7 @@ def _watch_groups(stats, module) -> None:
     for group in groups.values():
         tensors = {id(t): t for m in group.modules for t in (*m.parameters(), *m.buffers())}
         tensors.update((id(t), t) for t in (*group.parameters, *group.buffers))
-        nbytes = sum(t.numel() * t.element_size() for t in tensors.values())
+        nbytes = sum(tensor_bytes(t) for t in tensors.values())
         group.onload_ = stats.loads(group.onload_, nbytes)
         group.offload_ = stats.drops(group.offload_, nbytes)
 
