@@ -1,35 +1,170 @@
-"""Which strategies cannot run on which quantized weights, with the reason and what to use instead.
+"""The capability table: which strategies each quantization backend can run with, and why not.
 
-Checked when a policy is resolved against a pipeline, so the refusal comes
-before anything is installed, not from inside a forward pass.
+Checked when a policy is resolved against a pipeline, so the refusal comes before
+anything is installed, not from inside a forward pass. Each limit says where it was
+seen: on this project's CPU test machine (tests/test_quantization.py runs the real
+backend), or in the source of the libraries involved where the failure needs an
+accelerator to show. Limits that depend on library versions carry a gate.
 """
 
 from __future__ import annotations
 
-# (strategy, quantization) -> (why it fails, what to use instead). Quantization is a rule kind
-# ("bnb_8bit", "bnb_4bit") or a backend name ("quanto", "torchao", "gguf").
-INCOMPATIBLE = {
-    ("sequential", "bnb_4bit"): ("Accelerate's per-layer streaming cannot rebuild bitsandbytes 4-bit weights "
-                                 "from its host copy", "'model' or 'group'"),
-    ("sequential", "bnb_8bit"): ("Accelerate's per-layer streaming cannot rebuild bitsandbytes 8-bit weights "
-                                 "from its host copy", "'model', or keep it on the device"),
-    ("disk", "bnb_4bit"): ("bitsandbytes 4-bit weights cannot be stored and rebuilt from a safetensors file "
-                           "per layer", "'model' or 'group'"),
-    ("disk", "bnb_8bit"): ("bitsandbytes 8-bit weights cannot be stored and rebuilt from a safetensors file "
-                           "per layer", "'model', or keep it on the device"),
-    ("sequential", "quanto"): ("quanto's tensor subclasses do not survive Accelerate's meta-device swaps",
-                               "'model'"),
-    ("disk", "quanto"): ("quanto's tensor subclasses cannot be written to safetensors and rebuilt per layer",
-                         "'model'"),
-    ("group", "quanto"): ("diffusers' group offloading swaps `param.data`, which breaks quanto's tensor "
-                          "subclasses (device mismatches)", "'model'"),
-    ("disk", "torchao"): ("torchao tensor subclasses cannot be written to safetensors and rebuilt per layer",
-                          "'model' or 'group'"),
-}
+from dataclasses import dataclass, field
+from typing import Callable
+
+from .quantization import BACKENDS
+
+STRATEGY_ORDER = ("model", "group", "sequential", "disk", "resident", "skip")
+_DATA_SWAP = ("copy-free", "pinned")  # `model` transfers that swap `param.data` instead of calling `.to()`
 
 
-def incompatibility(strategy: str, quantization: str | None, backend: str | None) -> tuple[str, str] | None:
-    for key in (quantization, backend):
-        if key is not None and (strategy, key) in INCOMPATIBLE:
-            return INCOMPATIBLE[(strategy, key)]
+def _always() -> bool:
+    return True
+
+
+def bnb_8bit_movable() -> bool:
+    """Whether the installed libraries can move bitsandbytes 8-bit weights (diffusers' own test)."""
+    try:
+        from diffusers.utils import is_bitsandbytes_version, is_transformers_version
+    except ImportError:
+        return True
+    try:
+        return not (is_transformers_version("<", "4.58.0") or is_bitsandbytes_version("<", "0.48.0"))
+    except Exception:  # bitsandbytes not installed: nothing of it to move
+        return True
+
+
+def _bnb_8bit_stuck() -> bool:
+    return not bnb_8bit_movable()
+
+
+@dataclass(frozen=True)
+class Limit:
+    backend: str
+    strategy: str
+    reason: str
+    instead: tuple[str, ...]  # strategies that work; `auto` picks the first
+    seen: str  # where the failure was seen
+    options: dict = field(default_factory=dict)  # only for rules with one of these option values
+    gate: str = ""  # when it applies, if only with some library versions
+    applies: Callable[[], bool] = _always
+
+    @property
+    def what(self) -> str:
+        if not self.options:
+            return repr(self.strategy)
+        return f"{self.strategy!r} with " + " or ".join(f"`{k}: {v}`" for k, values in self.options.items()
+                                                       for v in values)
+
+    def matches(self, strategy: str, options: dict) -> bool:
+        if strategy != self.strategy:
+            return False
+        for key, values in self.options.items():
+            if options.get(key) not in values:
+                return False
+        return self.applies()
+
+
+_STREAMING_REBUILD = "Accelerate's per-layer streaming re-creates each parameter from its host copy as"
+_ON_CPU = "seen on CPU (tests/test_quantization.py)"
+
+LIMITS: tuple[Limit, ...] = (
+    # bitsandbytes
+    Limit("bnb_8bit", "model", "the installed transformers/bitsandbytes cannot move 8-bit weights with `.to()`",
+          ("skip",), "diffusers' enable_model_cpu_offload skips such models for this reason",
+          gate="transformers < 4.58.0 or bitsandbytes < 0.48.0", applies=_bnb_8bit_stuck),
+    Limit("bnb_8bit", "group", "the installed transformers/bitsandbytes cannot move 8-bit weights",
+          ("skip",), "diffusers' enable_model_cpu_offload skips such models for this reason",
+          gate="transformers < 4.58.0 or bitsandbytes < 0.48.0", applies=_bnb_8bit_stuck),
+    Limit("bnb_8bit", "model", "bitsandbytes keeps the 8-bit scales (`SCB`) as an attribute of the weight, which "
+          "swapping `param.data` leaves in host memory", ("model",), "bitsandbytes' Int8Params source (needs an "
+          "accelerator to show)", options={"transfer": _DATA_SWAP}),
+    Limit("bnb_8bit", "sequential", f"{_STREAMING_REBUILD} 8-bit data without its scales (`SCB` is None in "
+          "the forward)", ("model", "group"), _ON_CPU),
+    Limit("bnb_8bit", "disk", "bitsandbytes 8-bit weights cannot be written to safetensors and rebuilt per layer "
+          "with their scales", ("model", "group"), _ON_CPU),
+    Limit("bnb_4bit", "model", "bitsandbytes keeps the 4-bit quantization state (`quant_state`) as an attribute "
+          "of the weight, which swapping `param.data` leaves in host memory", ("model",),
+          "bitsandbytes' Params4bit source (needs an accelerator to show)", options={"transfer": _DATA_SWAP}),
+    Limit("bnb_4bit", "sequential", f"{_STREAMING_REBUILD} a packed tensor without its quantization state "
+          "(\"Cannot copy out of meta tensor\")", ("model", "group"), _ON_CPU),
+    Limit("bnb_4bit", "disk", "the 4-bit quantization state is not stored with the packed weights, so a layer "
+          "read back from disk cannot run (\"Cannot copy out of meta tensor\")", ("model", "group"), _ON_CPU),
+    # torchao
+    Limit("torchao", "disk", "torchao tensor subclasses have no storage of their own to write to safetensors "
+          "(\"Attempted to access the data pointer on an invalid python storage\")", ("model", "group"), _ON_CPU),
+    Limit("torchao", "model", "swapping `param.data` of a torchao tensor subclass leaves its inner tensors "
+          "(`qdata`, `scale`) on the device they were on", ("model", "group"),
+          "diffusers' group_offloading.py, which swaps torchao tensors for this reason (needs an accelerator to "
+          "show)", options={"transfer": _DATA_SWAP}),
+    # optimum-quanto
+    Limit("quanto", "sequential", f"{_STREAMING_REBUILD} a plain tensor, which quanto's tensor subclasses refuse "
+          "(\"WeightQBytesTensor.__new__() missing ... arguments\")", ("model",), _ON_CPU),
+    Limit("quanto", "disk", "quanto's tensor subclasses cannot be written to safetensors and rebuilt per layer",
+          ("model",), _ON_CPU),
+    Limit("quanto", "group", "diffusers' group offloading swaps `param.data`, which leaves quanto's inner "
+          "tensors on the host (weights on cpu, inputs on the device)", ("model",),
+          "diffusers issue #12610 (needs an accelerator to show)"),
+    Limit("quanto", "model", "swapping `param.data` of a quanto tensor subclass leaves its inner tensors on the "
+          "device they were on", ("model",), "as for group offloading, diffusers issue #12610 (needs an "
+          "accelerator to show)", options={"transfer": _DATA_SWAP}),
+    # GGUF
+    Limit("gguf", "sequential", f"{_STREAMING_REBUILD} a GGUFParameter without its `quant_type` (KeyError: None)",
+          ("model", "group"), _ON_CPU),
+    Limit("gguf", "disk", "a GGUFParameter read back from disk has lost its `quant_type` (KeyError: None)",
+          ("model", "group"), _ON_CPU),
+    # a backend offloadkit has no rule of its own for
+    Limit("other", "sequential", "offloadkit has no rule for this backend, and per-layer streaming re-creates "
+          "parameters as plain tensors, which breaks most quantized tensor types", ("model",),
+          "by analogy with quanto, GGUF and bitsandbytes 4-bit"),
+    Limit("other", "disk", "offloadkit has no rule for this backend, and quantized tensor types are rarely "
+          "storable in safetensors", ("model",), "by analogy with torchao, quanto and GGUF"),
+)
+
+
+def limit_for(backend: str | None, strategy: str, options: dict) -> Limit | None:
+    """The limit that forbids `strategy` (with `options`) for `backend`, or None when it may run."""
+    if backend is None:
+        return None
+    for limit in LIMITS:
+        if limit.backend == backend and limit.matches(strategy, options):
+            return limit
     return None
+
+
+def capability_rows() -> list[tuple[str, dict[str, str]]]:
+    """(backend label, {strategy: "yes" | "no" | "no*" | "yes, except ..."}) for every backend.
+
+    "no*" and "yes, except" name limits that hold only with some option or library versions.
+    """
+    rows = []
+    for backend, label in BACKENDS.items():
+        cells = {}
+        for strategy in STRATEGY_ORDER:
+            limits = [lim for lim in LIMITS if lim.backend == backend and lim.strategy == strategy]
+            whole = [lim for lim in limits if not lim.options and not lim.gate]
+            if whole:
+                cells[strategy] = "no"
+            elif limits:
+                cells[strategy] = "yes, except " + "; ".join(
+                    (f"{', '.join(f'{k}: {v}' for k, vs in lim.options.items() for v in vs)}" if lim.options
+                     else f"with {lim.gate}") for lim in limits)
+            else:
+                cells[strategy] = "yes"
+        rows.append((label, cells))
+    return rows
+
+
+def format_capabilities() -> str:
+    """The table as text, with every limit's reason and where it was seen."""
+    rows = capability_rows()
+    lines = ["backend x strategy (what offloadkit allows)", ""]
+    width = max(len(label) for label, _ in rows)
+    for label, cells in rows:
+        lines.append(f"{label.ljust(width)}  " + "  ".join(f"{s}: {cells[s]}" for s in STRATEGY_ORDER))
+    lines += ["", "limits:"]
+    for lim in LIMITS:
+        gate = f" [only with {lim.gate}]" if lim.gate else ""
+        lines.append(f"- {BACKENDS[lim.backend]} x {lim.what}{gate}: {lim.reason}. Instead: "
+                     f"{' or '.join(repr(s) for s in lim.instead)}. Source: {lim.seen}.")
+    return "\n".join(lines)

@@ -31,8 +31,7 @@ def _resolved(pipe, policy, device):
     """(policy, device, plan) for a loaded pipeline: the one resolution `plan` and `apply` share."""
     policy = load(policy)
     target = resolve_device(device if device is not None else policy.device)
-    return policy, target, resolve(policy, spec_from_pipeline(pipe), str(target),
-                                   bnb_8bit_movable=_bnb_8bit_movable())
+    return policy, target, resolve(policy, spec_from_pipeline(pipe), str(target))
 
 
 def plan(pipe, policy, *, device=None) -> Plan:
@@ -73,13 +72,6 @@ def remove(pipe) -> None:
     handle = getattr(pipe, HANDLE_ATTR, None)
     if handle is not None:
         handle.remove()
-
-
-def _bnb_8bit_movable() -> bool:
-    # diffusers' own test (pipeline_utils.enable_model_cpu_offload): older stacks cannot move 8-bit weights.
-    from diffusers.utils import is_bitsandbytes_version, is_transformers_version
-
-    return not (is_transformers_version("<", "4.58.0") or is_bitsandbytes_version("<", "0.48.0"))
 
 
 def _check_pipeline(pipe, the_plan: Plan) -> None:
@@ -228,6 +220,7 @@ class OffloadHandle:
             pipe.remove_all_hooks()
         self._save_devices()
         try:
+            self._apply_precision()
             self._install_hooks()
         except BaseException:
             # e.g. out of memory placing a resident model: leave nothing half-installed behind
@@ -259,6 +252,16 @@ class OffloadHandle:
             module = components.get(name)
             if module is not None and module_device(module) not in (None, device):
                 module.to(device)
+
+    def _apply_precision(self) -> None:
+        # Before any hook: a diffusers hook (layerwise casting) registered before Accelerate's survives its removal.
+        from .precision import apply_precision, wants_change
+
+        components = self.pipe.components
+        for component in self.plan.components:
+            if wants_change(component.options):
+                apply_precision(component.name, components[component.name], component.options,
+                                component.options.get("quantize_with"))
 
     def _install_hooks(self) -> None:
         ctx = _InstallContext(self)

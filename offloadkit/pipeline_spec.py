@@ -11,6 +11,7 @@ import typing
 from dataclasses import dataclass, field
 
 from .errors import PipelineError, did_you_mean
+from .quantization import detect
 from .storage import module_bytes
 
 # Constructor parameters with these types are settings, not components.
@@ -25,8 +26,9 @@ class ComponentSpec:
     type_name: str
     is_model: bool
     present: bool = True
-    quantization: str | None = None  # "bnb_8bit", "bnb_4bit", "other" or None
-    quant_backend: str | None = None  # "bitsandbytes", "quanto", "torchao", "gguf", ... or None
+    quantization: str | None = None  # a backend key of offloadkit.quantization.BACKENDS, or None
+    quantization_detail: str = ""  # what was seen, e.g. "Int8Tensor" or "stored as float8_e4m3fn"
+    dtype: str | None = None  # the most common floating dtype of its parameters ("float16"), when loaded
     bytes: int | None = None
     module: object = field(default=None, compare=False, repr=False)
 
@@ -61,33 +63,13 @@ def _offload_attrs(cls) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
     return seq_names, exclude
 
 
-def quantization_of(module) -> str | None:
-    """Which quantization rule applies to a loaded component, by the attributes its loader sets."""
-    method = getattr(module, "quantization_method", None)
-    method = getattr(method, "value", method)
-    if method == "bitsandbytes":
-        if getattr(module, "is_loaded_in_8bit", False):
-            return "bnb_8bit"
-        if getattr(module, "is_loaded_in_4bit", False):
-            return "bnb_4bit"
-    if getattr(module, "hf_quantizer", None) is not None or method is not None:
-        return "other"
-    if getattr(module, "is_quantized", False):
-        return "other"
-    return None
-
-
-def quant_backend_of(module) -> str | None:
-    """The quantization backend's name, as diffusers/transformers record it on a loaded model."""
-    method = getattr(module, "quantization_method", None)
-    if method is None:
-        config = getattr(getattr(module, "hf_quantizer", None), "quantization_config", None)
-        method = getattr(config, "quant_method", None)
-    method = getattr(method, "value", method)
-    if method is None:
-        return None
-    method = str(method).lower()
-    return "quanto" if "quanto" in method else method
+def main_dtype(module) -> str | None:
+    """The floating dtype most parameters have (by element count), e.g. "float16"."""
+    counts: dict = {}
+    for tensor in module.parameters():
+        if tensor.is_floating_point():
+            counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
+    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
 
 
 def spec_from_pipeline(pipe) -> PipelineSpec:
@@ -106,13 +88,15 @@ def spec_from_pipeline(pipe) -> PipelineSpec:
             declared = declared or {c.name: c for c in spec_from_class(base).components}
             if name in declared:
                 is_model, type_name = declared[name].is_model, declared[name].type_name
+        found = detect(value) if value is not None and is_model else None
         components.append(ComponentSpec(
             name=name,
             type_name=type_name,
             is_model=is_model,
             present=value is not None,
-            quantization=quantization_of(value) if value is not None and is_model else None,
-            quant_backend=quant_backend_of(value) if value is not None and is_model else None,
+            quantization=found.backend if found else None,
+            quantization_detail=found.detail if found else "",
+            dtype=main_dtype(value) if value is not None and is_model else None,
             bytes=module_bytes(value) if value is not None and is_model else None,
             module=value if is_model else None,
         ))

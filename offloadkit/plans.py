@@ -25,6 +25,8 @@ class ComponentPlan:
     options: dict
     bytes: int | None
     reason: str
+    # How the weights are stored: "float32", "torchao (Int8Tensor)", "float8_e4m3fn (layerwise casting, on apply)"
+    weights: str | None = None
 
 
 @dataclass(frozen=True)
@@ -55,11 +57,12 @@ class Plan:
     def __str__(self) -> str:
         header = f"{self.pipeline} under policy {self.policy!r} on {self.device}"
         chain = " -> ".join(self.sequence) if self.sequence else "(none)"
-        columns = ("component", "class", "strategy", "between uses", "runs on", "offloaded by", "size", "why")
+        columns = ("component", "class", "strategy", "between uses", "runs on", "offloaded by", "weights", "size",
+                   "why")
         rows = [columns]
         for c in self.components:
             rows.append((c.name, c.type_name, c.strategy, c.home, c.runs_on or "-", c.offloaded_by or "-",
-                         format_bytes(c.bytes), c.reason))
+                         c.weights or "-", format_bytes(c.bytes), c.reason))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(columns) - 1)]
         lines = [header, f"offload chain: {chain}", ""]
         for row in rows:

@@ -392,9 +392,26 @@ class PredictionContext:
     profiles: dict = field(default_factory=dict)
 
     def predict(self, plan: Plan) -> Prediction:
-        prediction = predict_plan(plan, self.modules, self.schedule, self.settings, hardware=self.hardware,
-                                  working_memory=self.working, runtime_overhead=self.overhead,
-                                  profiles=self.profiles)
+        from dataclasses import replace
+
+        from . import precision
+        from .storage import planned_sizes
+
+        # `storage_dtype` / `quantize` are sized as they will be once applied: every size below sees them.
+        changed = {c.name: self.modules[c.name] for c in plan.components
+                   if c.name in self.modules and precision.wants_change(c.options)}
+        sizes = {}
+        for c in plan.components:
+            if c.name in changed:
+                sizes.update(precision.planned_tensor_bytes(changed[c.name], c.options, c.options.get("quantize_with")))
+        with planned_sizes(sizes):
+            if changed:
+                plan = replace(plan, components=tuple(
+                    replace(c, bytes=module_bytes(changed[c.name])) if c.name in changed else c
+                    for c in plan.components))
+            prediction = predict_plan(plan, self.modules, self.schedule, self.settings, hardware=self.hardware,
+                                      working_memory=self.working, runtime_overhead=self.overhead,
+                                      profiles=self.profiles)
         return _with_notes(prediction, self.notes) if self.notes else prediction
 
 

@@ -5,13 +5,16 @@ Errors about names (unknown, absent, not a model) point at the policy's lines.
 
 from __future__ import annotations
 
-from .compatibility import incompatibility
+from . import precision
+from .compatibility import limit_for
 from .errors import PolicyError, did_you_mean
 from .loading import located_problem
 from .pipeline_spec import PipelineSpec
 from .plans import END_OF_CALL, ComponentPlan, Plan
 from .schema import Policy
-from .strategies import STRATEGIES
+from .quantization import BACKENDS
+from .strategies import STRATEGIES, StrategyRule
+from .strategies.base import PRECISION_KEYS
 
 HOST = "cpu"
 WILDCARD = "*"  # `components: {"*": {...}}` is the rule for every model without one of its own
@@ -20,19 +23,8 @@ WILDCARD = "*"  # `components: {"*": {...}}` is the rule for every model without
 def _rule(strategy: str):
     return STRATEGIES[strategy].rule(strategy=strategy)
 
-_QUANT_LABELS = {
-    "bnb_8bit": "bitsandbytes 8-bit",
-    "bnb_4bit": "bitsandbytes 4-bit",
-    "other": "quantized",
-}
-
-
-def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable: bool = True) -> Plan:
-    """Resolve `policy` for the pipeline `spec` on `device` (already resolved, e.g. "cuda:0").
-
-    `bnb_8bit_movable` tells whether the installed transformers/bitsandbytes can move
-    8-bit weights (diffusers keeps them in place otherwise).
-    """
+def resolve(policy: Policy, spec: PipelineSpec, device: str) -> Plan:
+    """Resolve `policy` for the pipeline `spec` on `device` (already resolved, e.g. "cuda:0")."""
     problems = []
     models = {c.name: c for c in spec.components if c.is_model and c.present}
 
@@ -70,44 +62,24 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
         excluded = set(policy.exclude)
         exclude_reason = "policy `exclude`"
     wildcard = policy.components.get(WILDCARD)
-    strategies, reasons, options = {}, {}, {}
+    strategies, reasons, options, sizes = {}, {}, {}, {}
     for name, component in models.items():
-        rule = policy.components.get(name)
-        if rule is not None:
-            reason = "policy `components` rule"
-        elif name in excluded:
-            rule, reason = _rule("resident"), exclude_reason
-        else:
-            rule, reason = (wildcard, "policy `components.*` rule") if wildcard else (_rule("model"), "default")
-            if component.quantization:
-                action = getattr(policy.quantization, component.quantization)
-                label = _QUANT_LABELS[component.quantization]
-                if action == "auto":
-                    movable = component.quantization != "bnb_8bit" or bnb_8bit_movable
-                    action = "offload" if movable else "keep-on-device"
-                if action == "refuse":
-                    problems.append(located_problem(
-                        policy, ("quantization", component.quantization),
-                        f"{name!r} is {label} and the policy says `{component.quantization}: refuse`. Choose "
-                        "'keep-on-device' or 'offload', or give the component a rule in `components`"))
-                elif action == "keep-on-device":
-                    rule, reason = _rule("skip"), f"{label}: kept where it was loaded"
-                else:
-                    reason = f"{label}: {reason}"
+        choice = _choose(policy, name, component, excluded, exclude_reason, wildcard, problems)
+        if choice is None:
+            continue
+        rule, reason, path = choice
         strategies[name], reasons[name] = rule.strategy, reason
-        options[name] = rule.model_dump(exclude={"strategy"}, mode="json")
-        clash = incompatibility(rule.strategy, component.quantization, component.quant_backend)
-        if clash:
-            why, instead = clash
-            label = component.quant_backend or component.quantization
-            path = ("components", name) if name in policy.components else ("components", WILDCARD)
-            problems.append(located_problem(
-                policy, path, f"{name!r} is quantized ({label}) and cannot use strategy {rule.strategy!r}: {why}. "
-                f"Use {instead} for it (a rule under `components.{name}` overrides `*`)"))
+        options[name] = {k: v for k, v in rule.model_dump(exclude={"strategy"}, mode="json").items()
+                         if not (k in PRECISION_KEYS and v in (None, "auto"))}
+        sizes[name] = component.bytes
+        if precision.wants_change(options[name]):
+            problem = _plan_precision(name, component, rule, options[name], sizes, policy, path)
+            if problem:
+                problems.append(problem)
+                continue
         check = STRATEGIES[rule.strategy].check
         problem = check(rule, device.split(":")[0]) if check is not None and device != "auto" else None
         if problem:
-            path = ("components", name) if name in policy.components else ("components", WILDCARD)
             problems.append(located_problem(policy, path, f"{name!r}: {problem}"))
     if problems:
         raise PolicyError(problems)
@@ -185,8 +157,9 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
             offloaded_by=offloaded_by,
             chain_index=index,
             options=options[name],
-            bytes=component.bytes,
+            bytes=sizes[name],
             reason=reason,
+            weights=_weights(component, options[name]),
         ))
     # Chain members in chain order first, then the others in the pipeline's order.
     plans.sort(key=lambda c: (c.chain_index is None, c.chain_index or 0))
@@ -197,3 +170,116 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str, *, bnb_8bit_movable
         sequence=tuple(sequence),
         components=tuple(plans),
     )
+
+
+def _label(component) -> str:
+    label = BACKENDS[component.quantization]
+    return f"{label} ({component.quantization_detail})" if component.quantization_detail else label
+
+
+def _choose(policy, name, component, excluded, exclude_reason, wildcard, problems):
+    """(rule, reason, where in the policy it came from) for one model, or None after adding a problem."""
+    backend = component.quantization
+    rule = policy.components.get(name)
+    if rule is not None:
+        return _checked(policy, name, component, rule, "policy `components` rule", ("components", name), False,
+                        problems)
+    if name in excluded:
+        return _rule("resident"), exclude_reason, ("exclude",)
+    rule, reason = (wildcard, "policy `components.*` rule") if wildcard else (_rule("model"), "default")
+    path = ("components", WILDCARD)
+    if not backend:
+        return _checked(policy, name, component, rule, reason, path, False, problems)
+    key, setting = policy.quantization.setting(backend)
+    label = _label(component)
+    if isinstance(setting, StrategyRule):
+        return _checked(policy, name, component, setting, f"{label}: policy `quantization.{key}` rule",
+                        ("quantization", key), False, problems)
+    if setting == "refuse":
+        problems.append(located_problem(
+            policy, ("quantization", key),
+            f"{name!r} is {label} and the policy says `{key}: refuse`. Choose 'keep-on-device', 'offload' or a "
+            f"strategy rule, or give the component a rule in `components`"))
+        return None
+    if setting == "keep-on-device":
+        return _rule("skip"), f"{label}: kept where it was loaded", ("quantization", key)
+    return _checked(policy, name, component, rule, f"{label}: {reason}", path, setting == "auto", problems)
+
+
+def _checked(policy, name, component, rule, reason, path, auto, problems):
+    """The rule if the component's backend can run it; under `auto` a strategy it can run; else a problem."""
+    backend = component.quantization
+    options = rule.model_dump(exclude={"strategy"})
+    limit = limit_for(backend, rule.strategy, options)
+    if limit is None:
+        return rule, reason, path
+    label = _label(component)
+    if auto:
+        if limit.options:  # the strategy runs with its default transfer
+            kept = {k: v for k, v in options.items() if k not in limit.options and k != "prefetch"}
+            fallback = STRATEGIES[rule.strategy].rule(strategy=rule.strategy, **kept)
+            change = ", ".join(f"`{k}` left at its default" for k in limit.options)
+        else:
+            fallback = _rule(limit.instead[0])
+            change = f"{limit.instead[0]!r} instead"
+        return fallback, f"{reason} ({label} cannot run {limit.what}: {change})", path
+    problems.append(located_problem(policy, path, _refusal(name, label, limit)))
+    return None
+
+
+def _refusal(name, label, limit) -> str:
+    if limit.options:
+        instead = "the default `transfer: standard`"
+    elif limit.instead == ("skip",):
+        instead = "'skip' (keep it where it was loaded; `quantization: {%s: keep-on-device}` does the same)" \
+            % limit.backend
+    else:
+        instead = " or ".join(repr(s) for s in limit.instead)
+    gate = f" With {limit.gate}," if limit.gate else ""
+    return (f"{name!r} is {label} and cannot use strategy {limit.what}:{gate} {limit.reason}. Use {instead} "
+            f"for it (seen: {limit.seen})")
+
+
+def _plan_precision(name, component, rule, options, sizes, policy, path):
+    """Check a rule's `storage_dtype`/`quantize` against the component; fill in the backend and planned size."""
+    from .storage import module_bytes, planned_sizes
+
+    backend = component.quantization
+    wanted = options.get("storage_dtype")
+    if wanted:
+        if backend == "layerwise_casting" and component.quantization_detail != f"stored as {wanted}":
+            return located_problem(policy, path, f"{name!r} is already {_label(component)}; the rule asks for "
+                                   f"`storage_dtype: {wanted}`. Reload the component to store it differently")
+        if backend and backend != "layerwise_casting":
+            return located_problem(policy, path, f"{name!r} is already quantized ({_label(component)}); "
+                                   "`storage_dtype` casts float weights. Remove `storage_dtype` from its rule")
+        effective = "layerwise_casting"
+    else:
+        chosen, why = precision.quantize_backend(options.get("quantize_with", "auto"), rule.strategy)
+        if backend and backend != chosen:
+            return located_problem(policy, path, f"{name!r} is already quantized ({_label(component)}). Remove "
+                                   "`quantize` from its rule")
+        if chosen is None:
+            return located_problem(policy, path, f"{name!r}: no backend can `quantize` it for strategy "
+                                   f"{rule.strategy!r}: {why}")
+        options["quantize_with"] = chosen
+        effective = chosen
+    limit = limit_for(effective, rule.strategy, rule.model_dump(exclude={"strategy"}))
+    if limit is not None:
+        return located_problem(policy, path, _refusal(name, BACKENDS[effective], limit))
+    module = component.module
+    if module is not None and backend is None:
+        with planned_sizes(precision.planned_tensor_bytes(module, options, options.get("quantize_with"))):
+            sizes[name] = module_bytes(module)
+    return None
+
+
+def _weights(component, options) -> str | None:
+    """How a component's weights are (or will be, once the policy is applied) stored, for the plan."""
+    if options.get("storage_dtype") and component.quantization != "layerwise_casting":
+        return f"{options['storage_dtype']} (layerwise casting, on apply)"
+    if options.get("quantize") and component.quantization is None:
+        return f"{options['quantize']} ({options['quantize_with']}, on apply)"
+    if component.quantization:
+        return _label(component)
+    return component.dtype

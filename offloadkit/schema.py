@@ -27,25 +27,51 @@ ComponentRule = Annotated[
 ]
 
 
+QuantSetting = Union[QuantAction, ComponentRule]
+
+_QUANT_HELP = ("`auto`, `keep-on-device`, `offload`, `refuse`, or a strategy rule (e.g. `{strategy: group}`) for "
+               "every component quantized with ")
+
+
 class QuantizationRules(BaseModel):
-    """What happens to components whose weights are quantized.
+    """What happens to components whose weights are quantized, per backend.
 
     - `keep-on-device`: leave the component where it was loaded (bitsandbytes loads
       straight to the device); no hook, never moved.
-    - `offload`: treat it like any other component.
+    - `offload`: the rule every other model gets (`components.*`, else `model`).
     - `refuse`: applying the policy to a pipeline with such a component is an error.
-    - `auto`: diffusers' rule (bitsandbytes 8-bit is kept on the device when the
-      installed transformers/bitsandbytes cannot move it; everything else offloads).
+    - a strategy rule (`{strategy: group, offload_type: leaf_level}`): use it for them.
+    - `auto`: `offload`, except that bitsandbytes 8-bit stays on the device where the
+      installed transformers/bitsandbytes cannot move it (diffusers' rule), and that a
+      strategy the backend cannot run with is replaced by one it can (the plan says so).
+
+    A rule under `components` for a component overrides all of these. A strategy a
+    backend cannot run with is a validation error (see `offloadkit list --quantization`).
     """
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    bnb_8bit: QuantAction = Field("auto", description="bitsandbytes 8-bit (LLM.int8) components.")
-    bnb_4bit: QuantAction = Field("auto", description="bitsandbytes 4-bit (NF4/FP4) components.")
-    other: QuantAction = Field(
+    bnb_8bit: QuantSetting = Field("auto", description=_QUANT_HELP + "bitsandbytes 8-bit (LLM.int8).")
+    bnb_4bit: QuantSetting = Field("auto", description=_QUANT_HELP + "bitsandbytes 4-bit (NF4/FP4).")
+    torchao: QuantSetting | None = Field(None, description=_QUANT_HELP + "torchao. Unset: as `other`.")
+    quanto: QuantSetting | None = Field(None, description=_QUANT_HELP + "optimum-quanto. Unset: as `other`.")
+    gguf: QuantSetting | None = Field(None, description=_QUANT_HELP + "GGUF (diffusers' GGUF loader). Unset: as "
+                                      "`other`.")
+    layerwise_casting: QuantSetting = Field(
+        "auto", description=_QUANT_HELP + "diffusers' layerwise casting (weights stored in a lower-precision "
+        "dtype, e.g. by `enable_layerwise_casting`).")
+    other: QuantSetting = Field(
         "auto",
-        description="Components quantized by any other backend (torchao, quanto, GGUF, ...).",
+        description=_QUANT_HELP + "any backend without a key of its own above (and torchao, quanto, GGUF while "
+        "theirs are unset).",
     )
+
+    def setting(self, backend: str) -> tuple[str, object]:
+        """(the key that decides, its value) for a backend key of `offloadkit.quantization.BACKENDS`."""
+        value = getattr(self, backend, None) if backend in type(self).model_fields else None
+        if value is None:
+            return "other", self.other
+        return backend, value
 
 
 def _exactly_one(value):

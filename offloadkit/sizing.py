@@ -413,12 +413,10 @@ def size_module(module, name: str = "", *, block_modules: list[str] | None = Non
         if own > largest_bytes:
             largest, largest_bytes = path, own
 
+    from .pipeline_spec import main_dtype
+
     params = sum(p.numel() for p in module.parameters())
-    dtype_counts: dict = {}
-    for p in module.parameters():
-        if p.is_floating_point():
-            dtype_counts[p.dtype] = dtype_counts.get(p.dtype, 0) + p.numel()
-    dtype = str(max(dtype_counts, key=dtype_counts.get)).removeprefix("torch.") if dtype_counts else None
+    dtype = main_dtype(module)
     return ComponentSize(name=name, class_name=type(module).__name__, dtype=dtype, parameters=params,
                          bytes=total, groups=groups, largest_layer=largest, largest_layer_bytes=largest_bytes)
 
@@ -474,7 +472,8 @@ def spec_from_folder(source, *, dtype: str | None = None):
     for component in spec.components:
         if component.name in sizes:
             size = sizes[component.name]
-            component = dataclasses.replace(component, type_name=size.class_name, bytes=size.bytes, present=True)
+            component = dataclasses.replace(component, type_name=size.class_name, bytes=size.bytes, present=True,
+                                            dtype=size.dtype)
         elif component.is_model:
             component = dataclasses.replace(component, present=False)
         elif entries.get(component.name) is None:

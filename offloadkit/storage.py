@@ -42,11 +42,14 @@ def tensor_bytes(tensor) -> int:
 
 
 def _state_bytes(state) -> int:
-    try:
-        values = state.as_dict(packed=False).values()
-    except Exception:
-        return 0
-    return sum(v.numel() * v.element_size() for v in values if hasattr(v, "element_size"))
+    """Bytes of a bitsandbytes QuantState's tensors (absmax, code, offset), nested state included."""
+    total = 0
+    for name in ("absmax", "code", "offset"):
+        value = getattr(state, name, None)
+        if hasattr(value, "element_size"):
+            total += value.numel() * value.element_size()
+    nested = getattr(state, "state2", None)
+    return total + (_state_bytes(nested) if nested is not None else 0)
 
 
 def module_bytes(module) -> int:

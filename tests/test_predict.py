@@ -23,6 +23,14 @@ POLICIES = {
     "prefetch": {"version": 1, "components": {"*": {"strategy": "model", "transfer": "copy-free", "prefetch": True}}},
     "keep": {"version": 1, "components": {"DENOISER": {"strategy": "model", "keep_on_device": True}}},
     "disk-block": {"version": 1, "components": {"*": {"strategy": "disk", "granularity": "block"}}},
+    # declared precision: sizes planned before the weights are changed
+    "fp8-storage": {"version": 1, "components": {
+        "DENOISER": {"strategy": "group", "storage_dtype": "float8_e4m3fn"},
+        "text_encoder": {"strategy": "model", "storage_dtype": "bfloat16"},
+        "vae": {"strategy": "disk", "storage_dtype": "float8_e5m2"}}},
+    "int8": {"version": 1, "components": {
+        "DENOISER": {"strategy": "sequential", "quantize": "int8", "quantize_with": "torchao"},
+        "text_encoder_2": {"strategy": "model", "quantize": "int8", "quantize_with": "quanto"}}},
 }
 CASES = [("sdxl", name) for name in POLICIES] + [
     (pipeline, name) for pipeline in ("sd3", "controlnet") for name in ("diffusers-default", "mixed", "prefetch")]

@@ -13,10 +13,10 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from ..streaming import offloading_modules, stream_blocks, stream_layers
-from .base import Strategy, StrategyRule, register
+from .base import PrecisionRule, Strategy, register
 
 
-class DiskRule(StrategyRule):
+class DiskRule(PrecisionRule):
     """Stream each layer's weights from a memory-mapped safetensors file to the device."""
 
     strategy: Literal["disk"]

@@ -12,10 +12,10 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import Strategy, StrategyRule, register
+from .base import PrecisionRule, Strategy, register
 
 
-class GroupRule(StrategyRule):
+class GroupRule(PrecisionRule):
     """Offload groups of blocks (or leaf modules) with diffusers' group offloading."""
 
     strategy: Literal["group"]

@@ -12,13 +12,13 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from .base import Strategy, StrategyRule, register
+from .base import PrecisionRule, Strategy, register
 
 
 Transfer = Literal["standard", "copy-free", "pinned"]
 
 
-class ModelRule(StrategyRule):
+class ModelRule(PrecisionRule):
     """Offload the whole component to host RAM between uses (diffusers' model offload)."""
 
     strategy: Literal["model"]

@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from .base import Strategy, StrategyRule, register
+from .base import PrecisionRule, Strategy, register
 
 
-class ResidentRule(StrategyRule):
+class ResidentRule(PrecisionRule):
     """Keep the component on the execution device for as long as the policy is applied."""
 
     strategy: Literal["resident"]

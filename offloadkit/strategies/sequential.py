@@ -12,10 +12,10 @@ from typing import Literal
 from pydantic import Field
 
 from ..streaming import stream_layers
-from .base import Strategy, StrategyRule, register
+from .base import PrecisionRule, Strategy, register
 
 
-class SequentialRule(StrategyRule):
+class SequentialRule(PrecisionRule):
     """Stream each layer's weights to the device for its forward only."""
 
     strategy: Literal["sequential"]

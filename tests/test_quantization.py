@@ -1,0 +1,337 @@
+"""Quantized components: detection, real sizes, the capability table, per-backend rules, declared precision.
+
+Every backend here really runs on the CPU (torchao, optimum-quanto, bitsandbytes,
+GGUF, diffusers' layerwise casting): the tiny SD pipeline's UNet is quantized with
+it, and its outputs under each strategy the table allows equal the same quantized
+pipeline without a policy. Each pair the table forbids is a validation error.
+"""
+
+import numpy as np
+import pytest
+import torch
+
+import offloadkit
+from offloadkit.compatibility import LIMITS, STRATEGY_ORDER, format_capabilities, limit_for
+from offloadkit.errors import PipelineError, PolicyError
+from offloadkit.pipeline_spec import spec_from_pipeline
+from offloadkit.storage import module_bytes
+from offloadkit.testing import tiny_pipeline
+
+from helpers import assert_same_images, run
+from quantized import REAL_BACKENDS, mark, needs, quantize
+
+# One rule per strategy (and per `model` transfer that swaps `param.data`).
+RULES = {
+    "model": {"strategy": "model"},
+    "model-copy-free": {"strategy": "model", "transfer": "copy-free"},
+    "group-block": {"strategy": "group"},
+    "group-leaf": {"strategy": "group", "offload_type": "leaf_level"},
+    "sequential": {"strategy": "sequential"},
+    "disk": {"strategy": "disk"},
+    "resident": {"strategy": "resident"},
+}
+
+
+def _options(rule):
+    return {k: v for k, v in rule.items() if k != "strategy"}
+
+
+def quantized_sd(backend):
+    pipe = tiny_pipeline("sd")
+    quantize(pipe.unet, backend)
+    return pipe
+
+
+# --- detection and sizing ---------------------------------------------------------------------------
+
+def _float_bytes(module):
+    from accelerate.utils import compute_module_sizes
+
+    return compute_module_sizes(module)[""]
+
+
+def _expected_bytes(module, backend):
+    """Stored bytes, counted per backend from the layers' shapes (independently of offloadkit.storage)."""
+    total = 0
+    for sub in module.modules():
+        for name, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
+            if tensor is None:
+                continue
+            kind = type(tensor).__name__
+            if name == "weight" and kind == "Int8Tensor":  # torchao: int8 + float32 scale + int8 zero point per row
+                total += tensor.numel() + tensor.shape[0] * 4 + tensor.shape[0]
+            elif name == "weight" and kind == "WeightQBytesTensor":  # quanto: int8 + one scale per output channel
+                total += tensor.numel() + tensor.shape[0] * 4
+            elif kind == "Int8Params":  # int8 + a float32 scale per row
+                total += tensor.numel() + tensor.shape[0] * 4
+            elif kind == "Params4bit":  # two weights a byte, plus absmax/code (nested) state
+                state = tensor.quant_state
+                total += tensor.numel() + state.absmax.numel() + state.code.numel() * 4 + 4 \
+                    + state.state2.absmax.numel() * 4 + state.state2.code.numel() * 4  # 4: the offset
+            elif kind == "GGUFParameter":  # Q8_0: 34 bytes per block of 32 weights, stored as uint8
+                total += tensor.numel()
+            else:
+                total += tensor.numel() * tensor.element_size()
+    return total
+
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+def test_each_backend_is_detected_and_sized_as_stored(backend):
+    pipe = quantized_sd(backend)
+    spec = spec_from_pipeline(pipe)
+    unet = spec.get("unet")
+    assert unet.quantization == backend
+    assert spec.get("vae").quantization is None
+    assert unet.bytes == module_bytes(pipe.unet) == _expected_bytes(pipe.unet, backend)
+    assert unet.bytes < _float_bytes(tiny_pipeline("sd").unet)
+    plan = offloadkit.plan(pipe, {"version": 1}, device="cpu")
+    label = offloadkit.quantization.BACKENDS[backend]
+    assert plan.component("unet").weights.startswith(label)
+    assert label in str(plan) and plan.component("unet").bytes == unet.bytes
+
+
+def test_accelerate_counts_torchao_and_quanto_at_their_float_size_offloadkit_does_not():
+    for backend in ("torchao", "quanto"):
+        pipe = quantized_sd(backend)
+        assert _float_bytes(pipe.unet) >= _float_bytes(tiny_pipeline("sd").unet)  # why offloadkit counts itself
+        assert module_bytes(pipe.unet) < _float_bytes(pipe.unet)
+
+
+@pytest.mark.parametrize("backend", ["bnb_8bit", "bnb_4bit", "torchao", "quanto", "gguf", "other"])
+def test_loader_attributes_alone_are_detected(backend):
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, backend)
+    found = offloadkit.quantization.detect(pipe.unet)
+    assert (found.backend, found.found_by) == (backend, "attributes")
+
+
+# --- the capability table ---------------------------------------------------------------------------
+
+@pytest.mark.parametrize("backend", REAL_BACKENDS)
+@pytest.mark.parametrize("rule_name", RULES)
+def test_allowed_strategies_give_the_outputs_of_the_quantized_pipeline_without_offload(backend, rule_name):
+    rule = RULES[rule_name]
+    limit = limit_for(backend, rule["strategy"], _options(rule))
+    pipe = quantized_sd(backend)
+    policy = {"version": 1, "components": {"unet": rule}}
+    if limit is not None:
+        with pytest.raises(PolicyError) as info:
+            offloadkit.apply(pipe, policy, device="cpu")
+        message = str(info.value)
+        assert "components.unet: 'unet' is " + offloadkit.quantization.BACKENDS[backend] in message
+        assert f"cannot use strategy {limit.what}" in message and limit.reason in message
+        assert "Use " in message and limit.seen in message
+        assert not hasattr(pipe, "_offloadkit_handle") and getattr(pipe.unet, "_hf_hook", None) is None
+        return
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    assert handle.plan.component("unet").strategy == rule["strategy"]
+    assert_same_images(run(pipe), reference)
+    assert_same_images(run(pipe), reference)
+    if rule["strategy"] in ("sequential", "disk"):  # these really move on the CPU: weights are on meta between uses
+        assert any(p.device.type == "meta" for p in pipe.unet.parameters())
+    handle.remove()
+    assert_same_images(run(pipe), reference)
+    assert spec_from_pipeline(pipe).get("unet").quantization == backend
+
+
+@pytest.mark.parametrize("limit", LIMITS, ids=lambda lim: f"{lim.backend}-{lim.strategy}-{'-'.join(lim.options)}")
+def test_every_forbidden_pair_is_refused_on_the_detection_path(limit, monkeypatch):
+    """Every row of the table, from the loader's attributes alone (what a GPU-only backend leaves on a model)."""
+    if limit.gate:
+        monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: False)
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, limit.backend)
+    rule = {"strategy": limit.strategy, **{k: v[0] for k, v in limit.options.items()}}
+    with pytest.raises(PolicyError) as info:
+        offloadkit.plan(pipe, {"version": 1, "components": {"unet": rule}}, device="cpu")
+    message = str(info.value)
+    assert f"components.unet: 'unet' is {offloadkit.quantization.BACKENDS[limit.backend]}" in message
+    assert f"cannot use strategy {limit.what}" in message and limit.reason in message and "Use " in message
+    if limit.gate:  # with libraries that can move the weights, the same rule is fine
+        monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: True)
+        assert offloadkit.plan(pipe, {"version": 1, "components": {"unet": rule}}, device="cpu")
+
+
+def test_the_table_covers_every_backend_and_strategy_and_prints():
+    text = format_capabilities()
+    for limit in LIMITS:
+        assert limit.reason in text
+    rows = dict(offloadkit.compatibility.capability_rows())
+    assert rows["optimum-quanto"]["group"] == "no" and rows["torchao"]["group"] == "yes"
+    assert rows["bitsandbytes 4-bit"]["model"].startswith("yes, except transfer: copy-free")
+    assert all(set(cells) == set(STRATEGY_ORDER) for cells in rows.values())
+
+
+# --- per-backend rules in the policy ----------------------------------------------------------------
+
+def test_auto_replaces_a_strategy_the_backend_cannot_run_and_says_so():
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "bnb_4bit")
+    plan = offloadkit.plan(pipe, {"version": 1, "components": {"*": {"strategy": "sequential"}}}, device="cpu")
+    unet = plan.component("unet")
+    assert unet.strategy == "model" and "cannot run 'sequential'" in unet.reason
+    assert plan.component("vae").strategy == "sequential"
+    # `offload` means "the rule every other model gets", so the same pair is an error there
+    with pytest.raises(PolicyError, match="components.\\*: 'unet' is bitsandbytes 4-bit and cannot use strategy "
+                                          "'sequential'"):
+        offloadkit.plan(pipe, {"version": 1, "components": {"*": {"strategy": "sequential"}},
+                               "quantization": {"bnb_4bit": "offload"}}, device="cpu")
+
+
+def test_auto_drops_a_data_swapping_transfer_only():
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "torchao")
+    policy = {"version": 1, "components": {"*": {"strategy": "model", "transfer": "copy-free"}}}
+    plan = offloadkit.plan(pipe, policy, device="cpu")
+    assert plan.component("unet").options["transfer"] == "standard"
+    assert plan.component("vae").options["transfer"] == "copy-free"
+
+
+def test_a_backend_rule_gives_the_strategy_and_a_component_rule_overrides_it():
+    needs("torchao")
+    pipe = quantized_sd("torchao")
+    policy = {"version": 1, "quantization": {"torchao": {"strategy": "group", "offload_type": "leaf_level"}}}
+    plan = offloadkit.plan(pipe, policy, device="cpu")
+    assert plan.component("unet").strategy == "group" and plan.component("unet").options["offload_type"] == \
+        "leaf_level"
+    assert "policy `quantization.torchao` rule" in plan.component("unet").reason
+    assert plan.component("vae").strategy == "model"
+    plan = offloadkit.plan(pipe, {**policy, "components": {"unet": {"strategy": "resident"}}}, device="cpu")
+    assert plan.component("unet").strategy == "resident"
+    # unset backends fall back to `other`
+    plan = offloadkit.plan(pipe, {"version": 1, "quantization": {"other": "keep-on-device"}}, device="cpu")
+    assert plan.component("unet").strategy == "skip"
+    with pytest.raises(PolicyError, match="quantization.torchao: 'unet' is torchao .* `torchao: refuse`"):
+        offloadkit.plan(pipe, {"version": 1, "quantization": {"torchao": "refuse"}}, device="cpu")
+
+
+def test_a_forbidden_backend_rule_points_at_the_quantization_key():
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "quanto")
+    with pytest.raises(PolicyError, match="quantization.quanto: 'unet' is optimum-quanto and cannot use strategy "
+                                          "'group'"):
+        offloadkit.plan(pipe, {"version": 1, "quantization": {"quanto": {"strategy": "group"}}}, device="cpu")
+
+
+def test_bnb_8bit_auto_keeps_it_in_place_on_old_stacks(monkeypatch):
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "bnb_8bit")
+    monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: False)
+    plan = offloadkit.plan(pipe, {"version": 1}, device="cpu")
+    assert plan.component("unet").strategy == "skip"
+    with pytest.raises(PolicyError, match="With transformers < 4.58.0 or bitsandbytes < 0.48.0"):
+        offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "model"}}}, device="cpu")
+
+
+# --- precision declared in the policy ---------------------------------------------------------------
+
+@pytest.mark.parametrize("strategy", ["model", "group", "sequential", "disk", "resident"])
+def test_storage_dtype_matches_diffusers_layerwise_casting(strategy):
+    ours = tiny_pipeline("sd")
+    handle = offloadkit.apply(ours, {"version": 1, "components": {"unet": {
+        "strategy": strategy, "storage_dtype": "float8_e4m3fn", "compute_dtype": "float32"}}}, device="cpu")
+    theirs = tiny_pipeline("sd")
+    theirs.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    assert handle.plan.component("unet").bytes == module_bytes(theirs.unet) < _float_bytes(tiny_pipeline("sd").unet)
+    assert_same_images(run(ours), run(theirs))
+    handle.remove()  # the weights keep their storage precision, and the casting that runs them
+    assert_same_images(run(ours), run(theirs))
+    assert spec_from_pipeline(ours).get("unet").quantization == "layerwise_casting"
+    offloadkit.apply(ours, {"version": 1, "components": {"unet": {"strategy": strategy,
+                                                                  "storage_dtype": "float8_e4m3fn"}}}, device="cpu")
+    assert_same_images(run(ours), run(theirs))
+
+
+def test_storage_dtype_on_a_transformers_text_encoder_keeps_its_reported_dtype():
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    policy = {"version": 1, "components": {"text_encoder": {"strategy": "model", "storage_dtype": "bfloat16"}}}
+    plan = offloadkit.plan(pipe, policy, device="cpu")
+    offloadkit.apply(pipe, policy, device="cpu")
+    assert module_bytes(pipe.text_encoder) == plan.component("text_encoder").bytes
+    assert pipe.text_encoder.dtype == torch.float32  # the pipeline casts prompt embeddings to it
+    assert any(p.dtype == torch.bfloat16 for p in pipe.text_encoder.parameters())
+    images = run(pipe)
+    assert np.abs(np.asarray(images[0], dtype=float) - np.asarray(reference[0], dtype=float)).max() <= 8
+
+
+@pytest.mark.parametrize("backend", ["torchao", "quanto"])
+def test_quantize_on_apply_equals_the_backend_and_is_planned_exactly(backend):
+    needs(backend)
+    rule = {"strategy": "model", "quantize": "int8", "quantize_with": backend}
+    pipe = tiny_pipeline("sd")
+    policy = {"version": 1, "components": {"unet": rule, "text_encoder": rule}}
+    plan = offloadkit.plan(pipe, policy, device="cpu")
+    assert plan.component("unet").weights == f"int8 ({backend}, on apply)"
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    theirs = tiny_pipeline("sd")
+    for name in ("unet", "text_encoder"):
+        quantize(getattr(theirs, name), backend, linear_only=True)
+        assert module_bytes(getattr(pipe, name)) == plan.component(name).bytes == module_bytes(getattr(theirs, name))
+    assert spec_from_pipeline(pipe).get("unet").quantization == backend
+    with torch.no_grad():
+        assert_same_images(run(pipe), run(theirs))
+    handle.remove()
+    offloadkit.apply(pipe, policy, device="cpu")  # already quantized by the first apply: left as it is
+    with torch.no_grad():
+        assert_same_images(run(pipe), run(theirs))
+
+
+def test_quantize_auto_picks_a_backend_the_strategy_can_run():
+    needs("torchao")
+    pipe = tiny_pipeline("sd")
+    plan = offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "group", "quantize": "int8"}}},
+                           device="cpu")
+    assert plan.component("unet").options["quantize_with"] == "torchao"
+    with pytest.raises(PolicyError, match="no backend can `quantize` it for strategy 'disk': torchao cannot run "
+                                          "with 'disk'"):
+        offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "disk", "quantize": "int8"}}},
+                        device="cpu")
+    with pytest.raises(PolicyError, match="quanto cannot run with 'group': diffusers' group offloading swaps"):
+        offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "group", "quantize": "int8",
+                                                                     "quantize_with": "quanto"}}}, device="cpu")
+
+
+def test_precision_on_an_already_quantized_component_is_refused():
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "bnb_4bit")
+    with pytest.raises(PolicyError, match="already quantized .*Remove `storage_dtype`"):
+        offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "model",
+                                                                     "storage_dtype": "float8_e4m3fn"}}},
+                        device="cpu")
+    cast = tiny_pipeline("sd")
+    cast.unet.enable_layerwise_casting(storage_dtype=torch.float8_e5m2, compute_dtype=torch.float32)
+    with pytest.raises(PolicyError, match="already layerwise casting \\(stored as float8_e5m2\\).*Reload"):
+        offloadkit.plan(cast, {"version": 1, "components": {"unet": {"strategy": "model",
+                                                                     "storage_dtype": "float8_e4m3fn"}}},
+                        device="cpu")
+
+
+@pytest.mark.parametrize("bad, message", [
+    ({"storage_dtype": "float8_e4m3fn", "quantize": "int8"}, "cannot both be set"),
+    ({"compute_dtype": "bfloat16"}, "Set `storage_dtype` too"),
+    ({"quantize_with": "torchao"}, "Set `quantize: int8` too"),
+    ({"storage_dtype": "int4"}, "storage_dtype"),
+])
+def test_precision_options_are_validated(bad, message):
+    with pytest.raises(PolicyError, match=message):
+        offloadkit.load({"version": 1, "components": {"unet": {"strategy": "model", **bad}}})
+
+
+def test_a_missing_quantize_backend_is_named(monkeypatch):
+    import offloadkit.precision as precision
+
+    monkeypatch.setattr(precision, "_installed", lambda backend: False)
+    with pytest.raises(PolicyError, match="torchao is not installed \\(pip install torchao\\); optimum-quanto is "
+                                          "not installed"):
+        offloadkit.plan(tiny_pipeline("sd"), {"version": 1, "components": {"unet": {"strategy": "model",
+                                                                                    "quantize": "int8"}}},
+                        device="cpu")
+
+
+def test_apply_refuses_a_different_storage_dtype_than_the_one_already_applied():
+    pipe = tiny_pipeline("sd")
+    offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e5m2"}, None)
+    with pytest.raises(PipelineError, match="already layerwise casting \\(stored as float8_e5m2\\)"):
+        offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e4m3fn"}, None)
