@@ -80,9 +80,10 @@ LIMITS: tuple[Limit, ...] = (
           "swapping `param.data` leaves in host memory", ("model",), "bitsandbytes' Int8Params source (needs an "
           "accelerator to show)", options={"transfer": _DATA_SWAP}),
     Limit("bnb_8bit", "sequential", f"{_STREAMING_REBUILD} 8-bit data without its scales (`SCB` is None in "
-          "the forward)", ("model", "group"), _ON_CPU),
-    Limit("bnb_8bit", "disk", "bitsandbytes 8-bit weights cannot be written to safetensors and rebuilt per layer "
-          "with their scales", ("model", "group"), _ON_CPU),
+          "the forward); and the layer keeps a second reference to its int8 data (`state.CB`), so streaming "
+          "would free nothing", ("model", "group"), _ON_CPU),
+    Limit("bnb_8bit", "disk", "the layer computes from its own reference to the int8 data (`state.CB`), which "
+          "outlives the memory-mapped file (the process crashed in MatMul8bitLt)", ("model", "group"), _ON_CPU),
     Limit("bnb_4bit", "model", "bitsandbytes keeps the 4-bit quantization state (`quant_state`) as an attribute "
           "of the weight, which swapping `param.data` leaves in host memory", ("model",),
           "bitsandbytes' Params4bit source (needs an accelerator to show)", options={"transfer": _DATA_SWAP}),
@@ -93,21 +94,21 @@ LIMITS: tuple[Limit, ...] = (
     # torchao
     Limit("torchao", "disk", "torchao tensor subclasses have no storage of their own to write to safetensors "
           "(\"Attempted to access the data pointer on an invalid python storage\")", ("model", "group"), _ON_CPU),
-    Limit("torchao", "model", "swapping `param.data` of a torchao tensor subclass leaves its inner tensors "
-          "(`qdata`, `scale`) on the device they were on", ("model", "group"),
-          "diffusers' group_offloading.py, which swaps torchao tensors for this reason (needs an accelerator to "
-          "show)", options={"transfer": _DATA_SWAP}),
+    Limit("torchao", "model", "assigning `param.data` leaves a torchao tensor subclass unchanged, so a "
+          "data-swapping transfer would never move its inner tensors (`qdata`, `scale`)", ("model", "group"),
+          "seen on CPU (tests/test_quantization.py); diffusers' group offloading swaps torchao tensors with "
+          "`torch.utils.swap_tensors` for this reason", options={"transfer": _DATA_SWAP}),
     # optimum-quanto
     Limit("quanto", "sequential", f"{_STREAMING_REBUILD} a plain tensor, which quanto's tensor subclasses refuse "
           "(\"WeightQBytesTensor.__new__() missing ... arguments\")", ("model",), _ON_CPU),
     Limit("quanto", "disk", "quanto's tensor subclasses cannot be written to safetensors and rebuilt per layer",
           ("model",), _ON_CPU),
-    Limit("quanto", "group", "diffusers' group offloading swaps `param.data`, which leaves quanto's inner "
-          "tensors on the host (weights on cpu, inputs on the device)", ("model",),
-          "diffusers issue #12610 (needs an accelerator to show)"),
-    Limit("quanto", "model", "swapping `param.data` of a quanto tensor subclass leaves its inner tensors on the "
-          "device they were on", ("model",), "as for group offloading, diffusers issue #12610 (needs an "
-          "accelerator to show)", options={"transfer": _DATA_SWAP}),
+    Limit("quanto", "group", "diffusers' group offloading assigns `param.data`, which leaves a quanto tensor "
+          "subclass where it was (weights on the CPU, inputs on the device)", ("model",),
+          "diffusers issue #12610 (needs an accelerator to show; the `.data` behaviour is seen on CPU)"),
+    Limit("quanto", "model", "assigning `param.data` leaves a quanto tensor subclass unchanged, so a "
+          "data-swapping transfer would never move its inner tensors", ("model",),
+          "seen on CPU (tests/test_quantization.py)", options={"transfer": _DATA_SWAP}),
     # GGUF
     Limit("gguf", "sequential", f"{_STREAMING_REBUILD} a GGUFParameter without its `quant_type` (KeyError: None)",
           ("model", "group"), _ON_CPU),

@@ -119,3 +119,53 @@ def test_prefetched_vae_survives_sdxl_upcasting_it_before_decode():
         "vae": {"strategy": "model", "transfer": "pinned", "prefetch": True}}})
     for _ in range(2):
         np.testing.assert_allclose(run(pipe), reference, atol=1e-3)
+
+
+# --- quantized components on CUDA (the table's rows that need an accelerator to show) ---------------
+
+QUANT_CUDA_RULES = {
+    "model": {"strategy": "model"},
+    "pinned": {"strategy": "model", "transfer": "pinned"},
+    "group": {"strategy": "group", "offload_type": "leaf_level"},
+    "sequential": {"strategy": "sequential"},
+}
+
+
+@pytest.mark.parametrize("backend", ["torchao", "quanto", "bnb_8bit", "bnb_4bit", "gguf", "layerwise_casting"])
+@pytest.mark.parametrize("rule_name", QUANT_CUDA_RULES)
+def test_quantized_unet_under_each_allowed_strategy_on_cuda(backend, rule_name):
+    """What the capability table allows runs on CUDA and gives the outputs of the quantized pipeline on CUDA."""
+    from offloadkit.compatibility import limit_for
+
+    from quantized import quantize
+
+    rule = QUANT_CUDA_RULES[rule_name]
+    if limit_for(backend, rule["strategy"], {k: v for k, v in rule.items() if k != "strategy"}) is not None:
+        pytest.skip("refused by the capability table (tested on CPU)")
+    pipe = tiny_pipeline("sd")
+    quantize(pipe.unet, backend)
+    with torch.no_grad():
+        reference = run(pipe.to("cuda"))
+    pipe.to("cpu")
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"unet": rule}}, device="cuda")
+    with torch.no_grad():
+        for _ in range(2):
+            np.testing.assert_allclose(run(pipe), reference, atol=2e-3)
+    if rule["strategy"] != "resident":
+        assert all(p.device.type != "cuda" for p in pipe.unet.parameters())  # offloaded after the call
+    handle.remove()
+
+
+def test_quanto_with_diffusers_group_offloading_fails_on_cuda_as_the_table_says():
+    """The (quanto, group) row: diffusers' engine leaves quanto weights on the CPU (diffusers#12610)."""
+    from diffusers.hooks import apply_group_offloading
+
+    from quantized import quantize
+
+    pipe = tiny_pipeline("sd")
+    quantize(pipe.unet, "quanto")
+    pipe.to("cuda")
+    apply_group_offloading(pipe.unet, onload_device=torch.device("cuda"), offload_device=torch.device("cpu"),
+                           offload_type="leaf_level")
+    with pytest.raises(RuntimeError), torch.no_grad():
+        run(pipe)

@@ -97,6 +97,17 @@ def test_accelerate_counts_torchao_and_quanto_at_their_float_size_offloadkit_doe
         assert module_bytes(pipe.unet) < _float_bytes(pipe.unet)
 
 
+@pytest.mark.parametrize("backend", ["torchao", "quanto"])
+def test_assigning_param_data_leaves_a_wrapper_subclass_unchanged(backend):
+    """Why `transfer: copy-free`/`pinned` (which assign `.data`) are refused for torchao and quanto weights."""
+    first, second = (quantize(torch.nn.Sequential(torch.nn.Linear(64, 32)), backend)[0] for _ in range(2))
+    x = torch.randn(2, 64)
+    with torch.no_grad():
+        before, target = first(x), second(x)
+        first.weight.data = second.weight.data
+        assert torch.equal(first(x), before) and not torch.equal(before, target)
+
+
 @pytest.mark.parametrize("backend", ["bnb_8bit", "bnb_4bit", "torchao", "quanto", "gguf", "other"])
 def test_loader_attributes_alone_are_detected(backend):
     pipe = tiny_pipeline("sd")
