@@ -134,8 +134,15 @@ def _is_model_source(text: str) -> bool:
 
 def main(argv=None) -> int:
     args = _parser().parse_args(argv)
-    # transformers warns about optional backends (torchvision) on import; not the user's concern here
+    # transformers warns about optional backends (torchvision) on import; diffusers and transformers import
+    # torchao whenever it is installed, which logs kernels it could not load. Not the user's concern here.
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    if not os.environ.get("OFFLOADKIT_DEBUG"):
+        import logging
+
+        for noisy in ("torchao", "torch.utils._pytree"):
+            logging.getLogger(noisy).setLevel(logging.ERROR)
     try:
         return _COMMANDS[args.command](args)
     except OffloadkitError as exc:

@@ -124,14 +124,18 @@ def planned_tensor_bytes(module, options: dict, backend: str | None) -> dict[int
     return sizes
 
 
-def quantize_backend(choice: str, strategy: str) -> tuple[str | None, str | None]:
-    """(backend, None) for `quantize_with: choice` under `strategy`, or (None, why not)."""
+def quantize_backend(choice: str, strategy: str, *, installed: bool = True) -> tuple[str | None, str | None]:
+    """(backend, None) for `quantize_with: choice` under `strategy`, or (None, why not).
+
+    `installed=False` (validating or planning without a loaded pipeline) picks by the table alone:
+    the packages are needed where the policy is applied, not where it is checked.
+    """
     from .compatibility import limit_for
 
     candidates = ("torchao", "quanto") if choice == "auto" else (choice,)
     reasons = []
     for backend in candidates:
-        if not _installed(backend):
+        if installed and not _installed(backend):
             reasons.append(f"{_PACKAGES[backend]} is not installed (pip install {_PACKAGES[backend]})")
             continue
         limit = limit_for(backend, strategy, {})

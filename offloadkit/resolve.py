@@ -255,7 +255,8 @@ def _plan_precision(name, component, rule, options, sizes, policy, path):
                                    "`storage_dtype` casts float weights. Remove `storage_dtype` from its rule")
         effective = "layerwise_casting"
     else:
-        chosen, why = precision.quantize_backend(options.get("quantize_with", "auto"), rule.strategy)
+        chosen, why = precision.quantize_backend(options.get("quantize_with", "auto"), rule.strategy,
+                                                 installed=component.module is not None)
         if backend and backend != chosen:
             return located_problem(policy, path, f"{name!r} is already quantized ({_label(component)}). Remove "
                                    "`quantize` from its rule")

@@ -339,6 +339,13 @@ def test_a_missing_quantize_backend_is_named(monkeypatch):
         offloadkit.plan(tiny_pipeline("sd"), {"version": 1, "components": {"unet": {"strategy": "model",
                                                                                     "quantize": "int8"}}},
                         device="cpu")
+    # validating against a pipeline class (CI, no weights) does not need the packages: applying does
+    from offloadkit.pipeline_spec import spec_from_class
+    from offloadkit.resolve import resolve
+
+    plan = resolve(offloadkit.load({"version": 1, "components": {"unet": {"strategy": "model", "quantize": "int8"}}}),
+                   spec_from_class("StableDiffusionPipeline"), "cuda:0")
+    assert plan.component("unet").options["quantize_with"] == "torchao"
 
 
 def test_apply_refuses_a_different_storage_dtype_than_the_one_already_applied():
