@@ -299,7 +299,7 @@ def test_quantize_auto_picks_a_backend_the_strategy_can_run():
                                           "with 'disk'"):
         offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "disk", "quantize": "int8"}}},
                         device="cpu")
-    with pytest.raises(PolicyError, match="quanto cannot run with 'group': diffusers' group offloading swaps"):
+    with pytest.raises(PolicyError, match="quanto cannot run with 'group': diffusers' group offloading assigns"):
         offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "group", "quantize": "int8",
                                                                      "quantize_with": "quanto"}}}, device="cpu")
 
