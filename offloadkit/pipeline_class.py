@@ -93,6 +93,19 @@ def offloaded_class(base):
         method.__name__ = method_name
         return method
 
+    def load_lora_weights(self, *args, **kwargs):
+        handle = self.__dict__[HANDLE_ATTR]
+        cast = [c.name for c in handle.plan.components if c.options.get("storage_dtype")]
+        if cast:
+            raise PipelineError(
+                f"{', '.join(map(repr, cast))} {'stores its' if len(cast) == 1 else 'store their'} weights in a lower "
+                f"precision under the policy "
+                f"{handle.plan.policy!r} (`storage_dtype`); LoRA layers added now would be created in that dtype "
+                "and lose their precision or fail (diffusers' layerwise casting does the same). Load the LoRA "
+                "into a freshly loaded component, then apply the policy: its layers are cast, the LoRA layers "
+                "are left as they are")
+        return base.load_lora_weights(self, *args, **kwargs)
+
     namespace = {
         "__call__": __call__,
         "to": to,
@@ -106,6 +119,8 @@ def offloaded_class(base):
         "__qualname__": base.__qualname__,
         "__doc__": base.__doc__,
     }
+    if hasattr(base, "load_lora_weights"):
+        namespace["load_lora_weights"] = load_lora_weights
     for name in ("fuse_lora", "unfuse_lora"):
         if hasattr(base, name):
             namespace[name] = _refuse_on_meta_weights(name)

@@ -34,6 +34,15 @@ def _skip_patterns(module) -> tuple[str, ...]:
         extra = getattr(module, attribute, None)
         if extra:
             patterns += tuple(extra)
+    # ... and the layers of LoRA-style adapters (small; peft casts its inputs to their dtype)
+    try:
+        from peft.tuners.loha.layer import LoHaLayer
+        from peft.tuners.lokr.layer import LoKrLayer
+        from peft.tuners.lora.layer import LoraLayer
+    except ImportError:
+        return patterns
+    for layer in (LoHaLayer, LoKrLayer, LoraLayer):
+        patterns += tuple(layer.adapter_layer_names)
     return patterns
 
 
@@ -201,3 +210,8 @@ def _cast_layers(module, storage: str, compute: str | None) -> None:
         compute_dtype = getattr(torch, compute)
     for _, layer in castable_layers(module):
         apply_layerwise_casting_hook(layer, getattr(torch, storage), compute_dtype, non_blocking=False)
+    try:  # as apply_layerwise_casting does: peft layers must not cast their inputs to the storage dtype
+        from diffusers.hooks.layerwise_casting import _disable_peft_input_autocast
+    except ImportError:
+        return
+    _disable_peft_input_autocast(module)

@@ -65,3 +65,22 @@ def test_fuse_lora_on_meta_weights_is_refused(lora_folder):
     pipe.load_lora_weights(lora_folder)
     with pytest.raises(PipelineError, match="fuse_lora\\(\\) would change the weights of .*'unet'"):
         pipe.fuse_lora()
+
+
+def test_lora_then_storage_dtype_equals_diffusers_and_lora_after_is_refused(lora_folder):
+    theirs = tiny_pipeline("sd")
+    theirs.load_lora_weights(lora_folder)
+    theirs.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    ours = tiny_pipeline("sd")
+    ours.load_lora_weights(lora_folder)
+    policy = {"version": 1, "components": {"unet": {"strategy": "group", "storage_dtype": "float8_e4m3fn"}}}
+    plan = offloadkit.plan(ours, policy, device="cpu")
+    offloadkit.apply(ours, policy, device="cpu")
+    from offloadkit.storage import module_bytes
+
+    assert plan.component("unet").bytes == module_bytes(ours.unet) == module_bytes(theirs.unet)
+    assert_same_images(run(ours), run(theirs))
+    with pytest.raises(PipelineError, match="'unet' stores its weights in a lower precision .*Load the LoRA into "
+                                            "a freshly loaded component"):
+        ours.load_lora_weights(lora_folder)
+    assert_same_images(run(ours), run(theirs))
