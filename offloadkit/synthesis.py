@@ -64,16 +64,25 @@ class Synthesis:
             raise SynthesisError(f"cannot write {path} ({exc.strerror or exc}). Choose another file") from None
 
 
-def _rule(strategy: str, device_type: str) -> dict:
+def _rule(strategy: str, device_type: str, component=None) -> dict | None:
+    """The fastest form of `strategy` for the device; for a quantized component one its backend can run, or None."""
+    from .compatibility import limit_for
+
     accelerated = device_type != "cpu"
     if strategy == "model":
-        return {"strategy": "model", "transfer": "pinned" if accelerated else "copy-free"}
-    if strategy == "group":
+        rule = {"strategy": "model", "transfer": "pinned" if accelerated else "copy-free"}
+    elif strategy == "group":
         rule = {"strategy": "group", "offload_type": "block_level", "num_blocks_per_group": 1}
         if device_type == "cuda":
             rule.update(use_stream=True, record_stream=True)
-        return rule
-    return {"strategy": strategy}
+    else:
+        rule = {"strategy": strategy}
+    backend = getattr(component, "quantization", None)
+    limit = limit_for(backend, strategy, rule)
+    if limit is not None and limit.options:  # e.g. no data-swapping transfer for torchao: the plain one
+        rule = {k: v for k, v in rule.items() if k not in limit.options}
+        limit = limit_for(backend, strategy, rule)
+    return None if limit is not None else rule
 
 
 def synthesize(source, *, hardware=None, budget=None, settings=None, device=None, name: str | None = None) -> Synthesis:
@@ -109,7 +118,7 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
         raise SynthesisError("a policy is synthesised for a memory limit: pass a budget (e.g. '8GiB') or a hardware "
                              "profile")
     device_type = context.device.split(":")[0]
-    models = [c for c in context.spec.components if c.is_model and c.present and not c.quantization]
+    models = [c for c in context.spec.components if c.is_model and c.present]
     models.sort(key=lambda c: -(c.bytes or 0))
     searched, fixed = models[:_SEARCHED], models[_SEARCHED:]
     host_limit = getattr(context.hardware, "host_memory", None)
@@ -117,8 +126,10 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
     best = None
     candidates = fitting = 0
     for choice in itertools.product(_ORDER, repeat=len(searched)):
-        rules = {c.name: _rule(s, device_type) for c, s in zip(searched, choice)}
-        rules.update({c.name: _rule("model", device_type) for c in fixed})
+        rules = {c.name: _rule(s, device_type, c) for c, s in zip(searched, choice)}
+        rules.update({c.name: _rule("model", device_type, c) for c in fixed})
+        if None in rules.values():
+            continue  # a strategy a quantized model's backend cannot run
         policy = load({"version": 1, "device": context.device, "components": rules})
         try:
             plan = resolve(policy, context.spec, context.device)
@@ -173,7 +184,9 @@ def _smallest_peak(context, models, device_type) -> int:
     from .loading import load
     from .resolve import resolve
 
-    rules = {c.name: _rule("sequential", device_type) for c in models}
+    rules = {}
+    for c in models:  # the least memory each can take: the last strategy of _ORDER its backend runs
+        rules[c.name] = next(r for r in (_rule(s, device_type, c) for s in reversed(_ORDER)) if r is not None)
     policy = load({"version": 1, "device": context.device, "components": rules})
     return context.predict(resolve(policy, context.spec, context.device)).device_peak_bytes
 
@@ -192,7 +205,10 @@ def _reasons(context, searched, choice, rules, limit) -> dict:
             continue
         cheaper = _ORDER[rank - 1]
         trial = dict(rules)
-        trial[component.name] = _rule(cheaper, context.device.split(":")[0])
+        trial[component.name] = _rule(cheaper, context.device.split(":")[0], component)
+        if trial[component.name] is None:
+            reasons[component.name] = f"{size}: its quantization backend cannot run `{cheaper}`"
+            continue
         prediction = context.predict(resolve(load({"version": 1, "device": context.device, "components": trial}),
                                              context.spec, context.device))
         if prediction.device_peak_bytes > limit:

@@ -82,3 +82,29 @@ def test_synthesize_from_a_loaded_pipeline_gives_a_policy_that_runs():
     handle = offloadkit.apply(pipe, result.policy, device="cpu")
     assert np.array_equal(run(pipe), reference)
     assert handle.trace.calls_summary()[-1].peak_resident_bytes <= result.prediction.weights_peak_bytes <= budget
+
+
+def test_a_quantized_model_is_searched_only_with_strategies_its_backend_runs():
+    from quantized import quantize
+
+    pipe = tiny_pipeline("sd")
+    quantize(pipe.unet, "quanto")  # quanto: no group, sequential or disk; `model` with the standard transfer
+    reference = run(pipe)
+    kwargs = tiny_call_kwargs(pipe)
+    call = offloadkit.CallSettings(height=kwargs["height"], width=kwargs["width"], steps=kwargs["num_inference_steps"])
+    # a budget only streaming everything (or a quanto UNet with group/sequential) would meet is not met
+    result = offloadkit.synthesize(pipe, budget="64MiB", device="cpu", settings=call)
+    unet = result.policy.components["unet"]
+    assert unet.strategy in ("resident", "model") and getattr(unet, "transfer", "standard") == "standard"
+    offloadkit.apply(pipe, result.policy, device="cpu")
+    assert np.array_equal(run(pipe), reference)
+    # the tightest budget for the others: the UNet still gets a strategy quanto can run
+    tight = predict(pipe, {"version": 1, "components": {"*": {"strategy": "sequential"},
+                                                         "unet": {"strategy": "model"}}}, device="cpu",
+                    settings=call).device_peak_bytes
+    result = offloadkit.synthesize(pipe, budget=tight, device="cpu", settings=call)
+    assert result.policy.components["unet"].strategy in ("resident", "model")
+    assert result.prediction.device_peak_bytes <= tight
+    # one byte less and no policy a quanto UNet can run fits: said so, not answered with a refused strategy
+    with pytest.raises(SynthesisError, match="no policy fits"):
+        offloadkit.synthesize(pipe, budget=tight - 1, device="cpu", settings=call)
