@@ -38,6 +38,19 @@ def _bnb_8bit_stuck() -> bool:
     return not bnb_8bit_movable()
 
 
+def group_offloading_swaps_torchao() -> bool:
+    """Whether the installed diffusers' group offloading moves torchao tensors (by `swap_tensors`)."""
+    try:
+        from diffusers.hooks import group_offloading
+    except ImportError:
+        return True
+    return hasattr(group_offloading, "_swap_torchao_tensor")
+
+
+def _group_leaves_torchao() -> bool:
+    return not group_offloading_swaps_torchao()
+
+
 @dataclass(frozen=True)
 class Limit:
     backend: str
@@ -98,6 +111,10 @@ LIMITS: tuple[Limit, ...] = (
           "data-swapping transfer would never move its inner tensors (`qdata`, `scale`)", ("model", "group"),
           "seen on CPU (tests/test_quantization.py); diffusers' group offloading swaps torchao tensors with "
           "`torch.utils.swap_tensors` for this reason", options={"transfer": _DATA_SWAP}),
+    Limit("torchao", "group", "this diffusers' group offloading assigns `param.data`, which leaves torchao "
+          "tensors where they were", ("model",), "diffusers' group_offloading.py, which swaps torchao tensors "
+          "since its `_swap_torchao_tensor` (needs an accelerator to show)",
+          gate="a diffusers whose group offloading has no `_swap_torchao_tensor`", applies=_group_leaves_torchao),
     # optimum-quanto
     Limit("quanto", "sequential", f"{_STREAMING_REBUILD} a plain tensor, which quanto's tensor subclasses refuse "
           "(\"WeightQBytesTensor.__new__() missing ... arguments\")", ("model",), _ON_CPU),

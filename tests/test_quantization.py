@@ -149,8 +149,9 @@ def test_allowed_strategies_give_the_outputs_of_the_quantized_pipeline_without_o
 @pytest.mark.parametrize("limit", LIMITS, ids=lambda lim: f"{lim.backend}-{lim.strategy}-{'-'.join(lim.options)}")
 def test_every_forbidden_pair_is_refused_on_the_detection_path(limit, monkeypatch):
     """Every row of the table, from the loader's attributes alone (what a GPU-only backend leaves on a model)."""
+    gates = {"bnb_8bit": "bnb_8bit_movable", "torchao": "group_offloading_swaps_torchao"}
     if limit.gate:
-        monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: False)
+        monkeypatch.setattr(offloadkit.compatibility, gates[limit.backend], lambda: False)
     pipe = tiny_pipeline("sd")
     mark(pipe.unet, limit.backend)
     rule = {"strategy": limit.strategy, **{k: v[0] for k, v in limit.options.items()}}
@@ -160,7 +161,7 @@ def test_every_forbidden_pair_is_refused_on_the_detection_path(limit, monkeypatc
     assert f"components.unet: 'unet' is {offloadkit.quantization.BACKENDS[limit.backend]}" in message
     assert f"cannot use strategy {limit.what}" in message and limit.reason in message and "Use " in message
     if limit.gate:  # with libraries that can move the weights, the same rule is fine
-        monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: True)
+        monkeypatch.setattr(offloadkit.compatibility, gates[limit.backend], lambda: True)
         assert offloadkit.plan(pipe, {"version": 1, "components": {"unet": rule}}, device="cpu")
 
 
@@ -169,7 +170,8 @@ def test_the_table_covers_every_backend_and_strategy_and_prints():
     for limit in LIMITS:
         assert limit.reason in text
     rows = dict(offloadkit.compatibility.capability_rows())
-    assert rows["optimum-quanto"]["group"] == "no" and rows["torchao"]["group"] == "yes"
+    assert rows["optimum-quanto"]["group"] == "no" and rows["torchao"]["group"].startswith("yes, except with a diffusers")
+    assert rows["GGUF"]["group"] == "yes"
     assert rows["bitsandbytes 4-bit"]["model"].startswith("yes, except transfer: copy-free")
     assert all(set(cells) == set(STRATEGY_ORDER) for cells in rows.values())
 
