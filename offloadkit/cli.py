@@ -341,6 +341,7 @@ def _list(args) -> int:
     from .loading import builtin_policies, load
 
     from .compatibility import capability_rows
+    from .quantization import BACKENDS
     from .hardware import hardware_names, load_hardware
     from .sizing import architecture_names, read_model_index
 
@@ -353,12 +354,12 @@ def _list(args) -> int:
     print("\nhardware profiles (--hardware PROFILE; nominal values):")
     for name in hardware_names():
         print(f"  {name:<22} {load_hardware(name).description or ''}")
-    print("\nquantization backends x strategies (the policy's `quantization` keys; details: README):")
-    for label, cells in capability_rows():
+    print("\nquantization backends (the policy's `quantization` keys) x strategies; reasons in the README:")
+    for key, cells in capability_rows():
         refused = [s for s, cell in cells.items() if cell == "no"]
         partly = [f"{s} ({cell})" for s, cell in cells.items() if cell.startswith("yes, except")]
-        text = "refused: " + (", ".join(refused) or "none")
-        print(f"  {label:<22} {text}" + (f"; {'; '.join(partly)}" if partly else ""))
+        text = f"{BACKENDS[key]}: refused " + (", ".join(refused) or "nothing")
+        print(f"  {key:<22} {text}" + (f"; {'; '.join(partly)}" if partly else ""))
     return 0
 
 

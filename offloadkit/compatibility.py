@@ -69,6 +69,16 @@ class Limit:
         return f"{self.strategy!r} with " + " or ".join(f"`{k}: {v}`" for k, values in self.options.items()
                                                        for v in values)
 
+    @property
+    def alternative(self) -> str:
+        """What to use instead, as advice."""
+        if self.options:
+            return "the default transfer (remove `" + "`, `".join((*self.options, "prefetch")) + "` from the rule)"
+        if self.instead == ("skip",):
+            return (f"'skip' (keep it where it was loaded; `quantization: {{{self.backend}: keep-on-device}}` does "
+                    "the same)")
+        return " or ".join(repr(s) for s in self.instead)
+
     def matches(self, strategy: str, options: dict) -> bool:
         if strategy != self.strategy:
             return False
@@ -86,9 +96,9 @@ LIMITS: tuple[Limit, ...] = (
     Limit("bnb_8bit", "model", "the installed transformers/bitsandbytes cannot move 8-bit weights with `.to()`",
           ("skip",), "diffusers' enable_model_cpu_offload skips such models for this reason",
           gate="transformers < 4.58.0 or bitsandbytes < 0.48.0", applies=_bnb_8bit_stuck),
-    Limit("bnb_8bit", "group", "the installed transformers/bitsandbytes cannot move 8-bit weights",
-          ("skip",), "diffusers' enable_model_cpu_offload skips such models for this reason",
-          gate="transformers < 4.58.0 or bitsandbytes < 0.48.0", applies=_bnb_8bit_stuck),
+    Limit("bnb_8bit", "group", "diffusers' group offloading assigns `param.data` from a moved copy, which leaves "
+          "the 8-bit scales (`SCB`) and the layer's int8 state (`state.CB`) in host memory", ("model",),
+          "diffusers' group_offloading.py and bitsandbytes' Linear8bitLt source (needs an accelerator to show)"),
     Limit("bnb_8bit", "model", "bitsandbytes keeps the 8-bit scales (`SCB`) as an attribute of the weight, which "
           "swapping `param.data` leaves in host memory", ("model",), "bitsandbytes' Int8Params source (needs an "
           "accelerator to show)", options={"transfer": _DATA_SWAP}),
@@ -150,13 +160,22 @@ def limit_for(backend: str | None, strategy: str, options: dict) -> Limit | None
     return None
 
 
-def capability_rows() -> list[tuple[str, dict[str, str]]]:
-    """(backend label, {strategy: "yes" | "no" | "no*" | "yes, except ..."}) for every backend.
+def limit_for_any_version(backend: str, strategy: str, options: dict) -> Limit | None:
+    """A limit that holds whatever is installed (no version gate), for checks without a pipeline."""
+    for limit in LIMITS:
+        if limit.backend == backend and not limit.gate and limit.strategy == strategy and all(
+                options.get(key) in values for key, values in limit.options.items()):
+            return limit
+    return None
 
-    "no*" and "yes, except" name limits that hold only with some option or library versions.
+
+def capability_rows() -> list[tuple[str, dict[str, str]]]:
+    """(backend key, {strategy: "yes" | "no" | "yes, except ..."}) for every backend.
+
+    "yes, except" names the limits that hold only with some option or library versions.
     """
     rows = []
-    for backend, label in BACKENDS.items():
+    for backend in BACKENDS:
         cells = {}
         for strategy in STRATEGY_ORDER:
             limits = [lim for lim in LIMITS if lim.backend == backend and lim.strategy == strategy]
@@ -169,7 +188,7 @@ def capability_rows() -> list[tuple[str, dict[str, str]]]:
                      else f"with {lim.gate}") for lim in limits)
             else:
                 cells[strategy] = "yes"
-        rows.append((label, cells))
+        rows.append((backend, cells))
     return rows
 
 
@@ -177,9 +196,9 @@ def format_capabilities() -> str:
     """The table as text, with every limit's reason and where it was seen."""
     rows = capability_rows()
     lines = ["backend x strategy (what offloadkit allows)", ""]
-    width = max(len(label) for label, _ in rows)
-    for label, cells in rows:
-        lines.append(f"{label.ljust(width)}  " + "  ".join(f"{s}: {cells[s]}" for s in STRATEGY_ORDER))
+    width = max(len(key) for key, _ in rows)
+    for key, cells in rows:
+        lines.append(f"{key.ljust(width)}  " + "  ".join(f"{s}: {cells[s]}" for s in STRATEGY_ORDER))
     lines += ["", "limits:"]
     for lim in LIMITS:
         gate = f" [only with {lim.gate}]" if lim.gate else ""

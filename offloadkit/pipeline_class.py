@@ -64,6 +64,16 @@ def offloaded_class(base):
                 f"this pipeline is under the offloadkit policy {handle.plan.policy!r}, which decides where each "
                 "component lives; pipe.to(device) would silently undo it. Call offloadkit.remove(pipe) first, or "
                 "change the policy's `device` (or pass device= to offloadkit.apply)")
+        wants_dtype = kwargs.get("dtype") is not None or any(isinstance(arg, torch.dtype) for arg in args)
+        handle = self.__dict__[HANDLE_ATTR]
+        changed = [c.name for c in handle.plan.components
+                   if c.options.get("storage_dtype") or c.options.get("quantize")]
+        if wants_dtype and changed:
+            raise PipelineError(
+                f"{', '.join(map(repr, changed))} {'has its' if len(changed) == 1 else 'have their'} storage "
+                f"precision set by the policy {handle.plan.policy!r} (`storage_dtype`/`quantize`); pipe.to(dtype) "
+                "would cast those weights and break their forward. Set `compute_dtype` in the policy instead, or "
+                "reload the components and apply again")
         return base.to(self, *args, **kwargs)
 
     def __reduce_ex__(self, protocol):

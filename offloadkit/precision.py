@@ -19,8 +19,21 @@ DTYPE_BYTES = {"float8_e4m3fn": 1, "float8_e5m2": 1, "bfloat16": 2, "float16": 2
 _DEFAULT_SKIP_PATTERNS = ("pos_embed", "patch_embed", "norm", "^proj_in$", "^proj_out$")
 
 
+# What `quantize: int8` leaves on the weights, as offloadkit.quantization.detect describes it.
+INT8_DETAIL = {"torchao": "Int8Tensor", "quanto": "qint8"}
+
+
 def wants_change(options: dict) -> bool:
     return bool(options.get("storage_dtype") or options.get("quantize"))
+
+
+def produced_by(options: dict, backend: str, detail: str) -> bool:
+    """Whether `options` would leave a component in the state detected (backend, detail): applied before."""
+    if options.get("storage_dtype"):
+        return backend == "layerwise_casting" and detail == f"stored as {options['storage_dtype']}"
+    if options.get("quantize"):
+        return INT8_DETAIL.get(backend) == detail and options.get("quantize_with", "auto") in ("auto", backend)
+    return False
 
 
 def _skip_patterns(module) -> tuple[str, ...]:
@@ -182,8 +195,11 @@ def apply_precision(name: str, module, options: dict, backend: str | None) -> No
             return
         _cast_layers(module, storage, options.get("compute_dtype"))
     elif options.get("quantize"):
-        if found is not None and found.backend == backend:
+        if found is not None and produced_by(options, found.backend, found.detail):
             return  # quantized by an earlier apply of this policy (remove() keeps it)
+        if found is not None:
+            raise PipelineError(f"{name!r} is already {found.label}; `quantize` applies to float weights. Remove "
+                                "`quantize` from its rule")
         layers = quantizable_layers(module)
         if not layers:
             raise PipelineError(f"{name!r} has no Linear layer with float weights to quantize. Remove `quantize` "

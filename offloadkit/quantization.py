@@ -48,7 +48,8 @@ def _tensor_backend(tensor) -> tuple[str, str] | None:
     if module.startswith("torchao"):
         return "torchao", name
     if module.startswith("optimum.quanto"):
-        return "quanto", name
+        qtype = getattr(getattr(tensor, "qtype", None), "name", None)
+        return "quanto", str(qtype or name)
     if name == "GGUFParameter":
         kind = getattr(tensor, "quant_type", None)
         return "gguf", str(getattr(kind, "name", kind) or "")

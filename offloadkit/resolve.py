@@ -73,8 +73,10 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str) -> Plan:
                          if not (k in PRECISION_KEYS and v in (None, "auto"))}
         sizes[name] = component.bytes
         if precision.wants_change(options[name]):
-            problem = _plan_precision(name, component, rule, options[name], sizes, policy, path)
-            if problem:
+            problem = _plan_precision(name, component, rule, options[name], sizes, policy, path, spec.from_instance)
+            if isinstance(problem, str):  # a note: the change is left out for this model
+                reasons[name] += f" ({problem})"
+            elif problem:
                 problems.append(problem)
                 continue
         check = STRATEGIES[rule.strategy].check
@@ -178,98 +180,133 @@ def _label(component) -> str:
 
 
 def _choose(policy, name, component, excluded, exclude_reason, wildcard, problems):
-    """(rule, reason, where in the policy it came from) for one model, or None after adding a problem."""
-    backend = component.quantization
+    """(rule, reason, where in the policy it came from) for one model, or None after adding a problem.
+
+    Precedence: the model's own `components` rule; then `quantization: refuse`; then `exclude`; then the
+    `quantization` setting of its backend; then `components.*`; then `model`.
+    """
     rule = policy.components.get(name)
     if rule is not None:
         return _checked(policy, name, component, rule, "policy `components` rule", ("components", name), False,
                         problems)
-    if name in excluded:
-        return _rule("resident"), exclude_reason, ("exclude",)
     rule, reason = (wildcard, "policy `components.*` rule") if wildcard else (_rule("model"), "default")
     path = ("components", WILDCARD)
+    backend = component.quantization
+    if backend and precision.produced_by(rule.model_dump(exclude={"strategy"}), backend,
+                                         component.quantization_detail):
+        backend = None  # quantized or cast by this very rule when the policy was applied before
+    if backend:
+        key, setting = policy.quantization.setting(backend)
+        label = _label(component)
+        if setting == "refuse":
+            problems.append(located_problem(
+                policy, ("quantization", key),
+                f"{name!r} is {label} and the policy says `{key}: refuse`. Choose 'keep-on-device', 'offload' or "
+                f"a strategy rule, or give the component a rule in `components`"))
+            return None
+    if name in excluded:
+        return _rule("resident"), exclude_reason, ("exclude",)
     if not backend:
         return _checked(policy, name, component, rule, reason, path, False, problems)
-    key, setting = policy.quantization.setting(backend)
-    label = _label(component)
     if isinstance(setting, StrategyRule):
         return _checked(policy, name, component, setting, f"{label}: policy `quantization.{key}` rule",
                         ("quantization", key), False, problems)
-    if setting == "refuse":
-        problems.append(located_problem(
-            policy, ("quantization", key),
-            f"{name!r} is {label} and the policy says `{key}: refuse`. Choose 'keep-on-device', 'offload' or a "
-            f"strategy rule, or give the component a rule in `components`"))
-        return None
     if setting == "keep-on-device":
         return _rule("skip"), f"{label}: kept where it was loaded", ("quantization", key)
-    return _checked(policy, name, component, rule, f"{label}: {reason}", path, setting == "auto", problems)
+    if setting == "offload":  # the error, if any, belongs to the line that asked for it
+        return _checked(policy, name, component, rule, f"{label}: `{key}: offload` gives it the {reason}",
+                        ("quantization", key), False, problems)
+    return _checked(policy, name, component, rule, f"{label}: {reason}", path, True, problems)
 
 
 def _checked(policy, name, component, rule, reason, path, auto, problems):
     """The rule if the component's backend can run it; under `auto` a strategy it can run; else a problem."""
     backend = component.quantization
     options = rule.model_dump(exclude={"strategy"})
+    if backend and precision.produced_by(options, backend, component.quantization_detail):
+        backend = None  # the rule's own `quantize`/`storage_dtype`, applied before: checked as planned
     limit = limit_for(backend, rule.strategy, options)
     if limit is None:
         return rule, reason, path
     label = _label(component)
-    if auto:
-        if limit.options:  # the strategy runs with its default transfer
-            kept = {k: v for k, v in options.items() if k not in limit.options and k != "prefetch"}
-            fallback = STRATEGIES[rule.strategy].rule(strategy=rule.strategy, **kept)
-            change = ", ".join(f"`{k}` left at its default" for k in limit.options)
-        else:
-            fallback = _rule(limit.instead[0])
-            change = f"{limit.instead[0]!r} instead"
-        return fallback, f"{reason} ({label} cannot run {limit.what}: {change})", path
-    problems.append(located_problem(policy, path, _refusal(name, label, limit)))
-    return None
+    if not auto:
+        problems.append(located_problem(policy, path, _refusal(f"{name!r} is {label}", limit)))
+        return None
+    candidates = []
+    if limit.options:  # the same strategy with its default transfer
+        kept = {k: v for k, v in options.items() if k not in limit.options and k != "prefetch"}
+        candidates.append((STRATEGIES[rule.strategy].rule(strategy=rule.strategy, **kept),
+                           "`transfer` and `prefetch` left at their defaults"))
+    candidates += [(_rule(s), f"{s!r} instead") for s in limit.instead if not limit.options]
+    candidates.append((_rule("skip"), "kept where it was loaded"))
+    for fallback, change in candidates:
+        if limit_for(backend, fallback.strategy, fallback.model_dump(exclude={"strategy"})) is None:
+            return fallback, f"{reason} ({label} cannot run {limit.what}: {change})", path
+    raise AssertionError("`skip` is always allowed")
 
 
-def _refusal(name, label, limit) -> str:
-    if limit.options:
-        instead = "the default `transfer: standard`"
-    elif limit.instead == ("skip",):
-        instead = "'skip' (keep it where it was loaded; `quantization: {%s: keep-on-device}` does the same)" \
-            % limit.backend
-    else:
-        instead = " or ".join(repr(s) for s in limit.instead)
+def _refusal(subject, limit) -> str:
     gate = f" With {limit.gate}," if limit.gate else ""
-    return (f"{name!r} is {label} and cannot use strategy {limit.what}:{gate} {limit.reason}. Use {instead} "
-            f"for it (seen: {limit.seen})")
+    return (f"{subject} and cannot use strategy {limit.what}:{gate} {limit.reason}. Use {limit.alternative} for it "
+            f"(source: {limit.seen})")
 
 
-def _plan_precision(name, component, rule, options, sizes, policy, path):
-    """Check a rule's `storage_dtype`/`quantize` against the component; fill in the backend and planned size."""
+def _state(component) -> str:
+    if component.quantization == "layerwise_casting":
+        return f"already {component.quantization_detail or 'cast'} (layerwise casting)"
+    return f"already quantized ({_label(component)})"
+
+
+def _plan_precision(name, component, rule, options, sizes, policy, path, from_instance):
+    """Check a rule's `storage_dtype`/`quantize` against the component; fill in the backend and planned size.
+
+    Returns a problem, or None. A `*` rule's change is left out, with a note in `options`, for a model
+    that is already quantized or cast otherwise.
+    """
     from .storage import module_bytes, planned_sizes
 
     backend = component.quantization
-    wanted = options.get("storage_dtype")
-    if wanted:
-        if backend == "layerwise_casting" and component.quantization_detail != f"stored as {wanted}":
-            return located_problem(policy, path, f"{name!r} is already {_label(component)}; the rule asks for "
-                                   f"`storage_dtype: {wanted}`. Reload the component to store it differently")
-        if backend and backend != "layerwise_casting":
-            return located_problem(policy, path, f"{name!r} is already quantized ({_label(component)}); "
-                                   "`storage_dtype` casts float weights. Remove `storage_dtype` from its rule")
+    own = backend is not None and precision.produced_by(options, backend, component.quantization_detail)
+    key = "storage_dtype" if options.get("storage_dtype") else "quantize"
+    where = path + (key,) if path[0] == "components" and path[1] in policy.components else path
+    if backend and not own:
+        if path == ("components", WILDCARD):
+            for k in PRECISION_KEYS:
+                options.pop(k, None)
+            return f"{_state(component)}: the `*` rule's `{key}` is not applied to it"
+        wanted = options.get("storage_dtype")
+        if wanted and backend == "layerwise_casting":
+            why = f"the rule asks for `storage_dtype: {wanted}`. Reload the component to store it differently"
+        else:
+            why = f"`{key}` applies to float weights. Remove `{key}` from its rule"
+        return located_problem(policy, where, f"{name!r} is {_state(component)}; {why}", key=where != path)
+    if key == "storage_dtype":
         effective = "layerwise_casting"
+        subject = f"`storage_dtype` would store {name!r} with layerwise casting, which"
+        config = getattr(component.module, "config", None) or {}
+        half = "float16" in (options.get("compute_dtype"), component.dtype)
+        if hasattr(config, "get") and config.get("force_upcast") and half:
+            return located_problem(policy, where, f"{name!r} is a VAE with `force_upcast` in a float16 pipeline: the "
+                                   "pipeline casts it to float32 for the decode, which undoes layerwise casting, and "
+                                   "without that cast the float16 latents do not match a float32 compute dtype. "
+                                   "Leave `storage_dtype` off this VAE (it is small), or load a VAE that does not "
+                                   "need the upcast (`force_upcast: false`)", key=where != path)
     else:
-        chosen, why = precision.quantize_backend(options.get("quantize_with", "auto"), rule.strategy,
-                                                 installed=component.module is not None)
-        if backend and backend != chosen:
-            return located_problem(policy, path, f"{name!r} is already quantized ({_label(component)}). Remove "
-                                   "`quantize` from its rule")
+        choice = options.get("quantize_with", "auto")
+        chosen, why = precision.quantize_backend(choice, rule.strategy, installed=from_instance)
         if chosen is None:
-            return located_problem(policy, path, f"{name!r}: no backend can `quantize` it for strategy "
-                                   f"{rule.strategy!r}: {why}")
+            hint = ("Use `quantize_with: auto`, or another strategy" if choice != "auto" else
+                    "Use another strategy (e.g. 'model' or 'group')")
+            return located_problem(policy, where, f"{name!r}: `quantize` cannot be served for strategy "
+                                   f"{rule.strategy!r}: {why}. {hint}", key=where != path)
         options["quantize_with"] = chosen
         effective = chosen
+        subject = f"`quantize: int8` would make {name!r} {BACKENDS[chosen]}, which"
     limit = limit_for(effective, rule.strategy, rule.model_dump(exclude={"strategy"}))
     if limit is not None:
-        return located_problem(policy, path, _refusal(name, BACKENDS[effective], limit))
+        return located_problem(policy, path, _refusal(subject, limit).replace(f"{subject} and ", f"{subject} "))
     module = component.module
-    if module is not None and backend is None:
+    if module is not None and not own:
         with planned_sizes(precision.planned_tensor_bytes(module, options, options.get("quantize_with"))):
             sizes[name] = module_bytes(module)
     return None
@@ -277,9 +314,9 @@ def _plan_precision(name, component, rule, options, sizes, policy, path):
 
 def _weights(component, options) -> str | None:
     """How a component's weights are (or will be, once the policy is applied) stored, for the plan."""
-    if options.get("storage_dtype") and component.quantization != "layerwise_casting":
+    if component.quantization is None and options.get("storage_dtype"):
         return f"{options['storage_dtype']} (layerwise casting, on apply)"
-    if options.get("quantize") and component.quantization is None:
+    if component.quantization is None and options.get("quantize"):
         return f"{options['quantize']} ({options['quantize_with']}, on apply)"
     if component.quantization:
         return _label(component)

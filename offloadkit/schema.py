@@ -10,7 +10,7 @@ import json
 import re
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, WithJsonSchema, field_validator
 
 from .strategies import STRATEGIES
 
@@ -65,6 +65,25 @@ class QuantizationRules(BaseModel):
         description=_QUANT_HELP + "any backend without a key of its own above (and torchao, quanto, GGUF while "
         "theirs are unset).",
     )
+
+    @field_validator("bnb_8bit", "bnb_4bit", "torchao", "quanto", "gguf", "layerwise_casting", mode="after")
+    @classmethod
+    def _rule_the_backend_can_run(cls, value, info):
+        """A rule under a backend's key is for models of that backend: what can never work is refused here."""
+        if not isinstance(value, BaseModel):
+            return value
+        options = value.model_dump(exclude={"strategy"})
+        changes = [k for k in ("storage_dtype", "quantize") if options.get(k)]
+        if changes:
+            raise ValueError(f"`{changes[0]}` changes float weights; the models this key is for are already "
+                             f"quantized. Remove `{changes[0]}` here")
+        from .compatibility import limit_for_any_version
+
+        limit = limit_for_any_version(info.field_name, value.strategy, options)
+        if limit is not None:
+            raise ValueError(f"{info.field_name} models cannot use strategy {limit.what}: {limit.reason}. Use "
+                             f"{limit.alternative} (source: {limit.seen})")
+        return value
 
     def setting(self, backend: str) -> tuple[str, object]:
         """(the key that decides, its value) for a backend key of `offloadkit.quantization.BACKENDS`."""

@@ -468,12 +468,13 @@ def spec_from_folder(source, *, dtype: str | None = None):
     class_name, entries = read_model_index(folder)
     spec = spec_from_class(class_name)
     sizes = pipeline_sizes(folder, dtype=dtype)
+    built = build_components(folder, dtype=dtype)  # the meta models just sized (cached): for precision planning
     components = []
     for component in spec.components:
         if component.name in sizes:
             size = sizes[component.name]
             component = dataclasses.replace(component, type_name=size.class_name, bytes=size.bytes, present=True,
-                                            dtype=size.dtype)
+                                            dtype=size.dtype, module=built.get(component.name))
         elif component.is_model:
             component = dataclasses.replace(component, present=False)
         elif entries.get(component.name) is None:

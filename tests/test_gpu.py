@@ -169,3 +169,34 @@ def test_quanto_with_diffusers_group_offloading_fails_on_cuda_as_the_table_says(
                            offload_type="leaf_level")
     with pytest.raises(RuntimeError), torch.no_grad():
         run(pipe)
+
+
+@pytest.mark.parametrize("backend, rule", [
+    ("torchao", {"strategy": "model", "transfer": "pinned"}),   # row (e): `.data` does not move torchao tensors
+    ("quanto", {"strategy": "model", "transfer": "copy-free"}),  # row (e)
+    ("bnb_4bit", {"strategy": "model", "transfer": "pinned"}),  # row (a): quant_state stays on the host
+    ("bnb_8bit", {"strategy": "group"}),                          # row for bnb 8-bit x group: SCB/CB stay on the host
+])
+def test_refused_pairs_that_need_an_accelerator_do_fail_on_cuda(backend, rule, monkeypatch):
+    """The table's limits seen only in the libraries' source: forced past the table, they must misbehave here."""
+    import offloadkit.resolve
+
+    from quantized import quantize
+
+    pipe = tiny_pipeline("sd")
+    quantize(pipe.unet, backend)
+    with torch.no_grad():
+        reference = run(pipe.to("cuda"))
+    pipe.to("cpu")
+    monkeypatch.setattr(offloadkit.resolve, "limit_for", lambda *args: None)
+    offloadkit.apply(pipe, {"version": 1, "components": {"unet": rule}}, device="cuda")
+    try:
+        with torch.no_grad():
+            images = run(pipe)
+    except RuntimeError as exc:  # a device mismatch
+        assert "device" in str(exc).lower() or "cuda" in str(exc).lower(), exc
+        return
+    # no error: then it computed wrongly, or left weights on the device after the call (nothing offloaded)
+    left_on_device = any(p.device.type == "cuda" for p in pipe.unet.parameters())
+    assert left_on_device or not np.allclose(images, reference, atol=2e-3), \
+        "the refused pair ran correctly on CUDA: the limit should be lifted"

@@ -170,9 +170,9 @@ def test_the_table_covers_every_backend_and_strategy_and_prints():
     for limit in LIMITS:
         assert limit.reason in text
     rows = dict(offloadkit.compatibility.capability_rows())
-    assert rows["optimum-quanto"]["group"] == "no" and rows["torchao"]["group"].startswith("yes, except with a diffusers")
-    assert rows["GGUF"]["group"] == "yes"
-    assert rows["bitsandbytes 4-bit"]["model"].startswith("yes, except transfer: copy-free")
+    assert rows["quanto"]["group"] == "no" and rows["torchao"]["group"].startswith("yes, except with a diffusers")
+    assert rows["gguf"]["group"] == "yes" and rows["bnb_8bit"]["group"] == "no"
+    assert rows["bnb_4bit"]["model"].startswith("yes, except transfer: copy-free")
     assert all(set(cells) == set(STRATEGY_ORDER) for cells in rows.values())
 
 
@@ -186,8 +186,8 @@ def test_auto_replaces_a_strategy_the_backend_cannot_run_and_says_so():
     assert unet.strategy == "model" and "cannot run 'sequential'" in unet.reason
     assert plan.component("vae").strategy == "sequential"
     # `offload` means "the rule every other model gets", so the same pair is an error there
-    with pytest.raises(PolicyError, match="components.\\*: 'unet' is bitsandbytes 4-bit and cannot use strategy "
-                                          "'sequential'"):
+    with pytest.raises(PolicyError, match="quantization.bnb_4bit: 'unet' is bitsandbytes 4-bit and cannot use "
+                                          "strategy 'sequential'"):
         offloadkit.plan(pipe, {"version": 1, "components": {"*": {"strategy": "sequential"}},
                                "quantization": {"bnb_4bit": "offload"}}, device="cpu")
 
@@ -219,12 +219,29 @@ def test_a_backend_rule_gives_the_strategy_and_a_component_rule_overrides_it():
         offloadkit.plan(pipe, {"version": 1, "quantization": {"torchao": "refuse"}}, device="cpu")
 
 
-def test_a_forbidden_backend_rule_points_at_the_quantization_key():
+def test_a_backend_rule_that_can_never_run_is_refused_when_the_policy_is_loaded():
+    with pytest.raises(PolicyError, match="quantization.quanto: quanto models cannot use strategy 'group': .*Use "
+                                          "'model'"):
+        offloadkit.load({"version": 1, "quantization": {"quanto": {"strategy": "group"}}})
+    with pytest.raises(PolicyError, match="quantization.bnb_4bit: .*with `transfer: copy-free`.*Use the default "
+                                          "transfer \\(remove `transfer`, `prefetch` from the rule\\)"):
+        offloadkit.load({"version": 1, "quantization": {"bnb_4bit": {"strategy": "model", "transfer": "copy-free"}}})
+    with pytest.raises(PolicyError, match="quantization.gguf: `storage_dtype` changes float weights"):
+        offloadkit.load({"version": 1, "quantization": {"gguf": {"strategy": "model", "storage_dtype": "bfloat16"}}})
+    # a limit that depends on the installed libraries is checked against the pipeline, at the key
     pipe = tiny_pipeline("sd")
-    mark(pipe.unet, "quanto")
-    with pytest.raises(PolicyError, match="quantization.quanto: 'unet' is optimum-quanto and cannot use strategy "
-                                          "'group'"):
-        offloadkit.plan(pipe, {"version": 1, "quantization": {"quanto": {"strategy": "group"}}}, device="cpu")
+    mark(pipe.unet, "bnb_8bit")
+    import offloadkit.compatibility as compatibility
+
+    policy = offloadkit.load({"version": 1, "quantization": {"bnb_8bit": {"strategy": "model"}}})
+    original = compatibility.bnb_8bit_movable
+    compatibility.bnb_8bit_movable = lambda: False
+    try:
+        with pytest.raises(PolicyError, match="quantization.bnb_8bit: 'unet' is bitsandbytes 8-bit and cannot use "
+                                              "strategy 'model': With transformers < 4.58.0"):
+            offloadkit.plan(pipe, policy, device="cpu")
+    finally:
+        compatibility.bnb_8bit_movable = original
 
 
 def test_bnb_8bit_auto_keeps_it_in_place_on_old_stacks(monkeypatch):
@@ -297,8 +314,8 @@ def test_quantize_auto_picks_a_backend_the_strategy_can_run():
     plan = offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "group", "quantize": "int8"}}},
                            device="cpu")
     assert plan.component("unet").options["quantize_with"] == "torchao"
-    with pytest.raises(PolicyError, match="no backend can `quantize` it for strategy 'disk': torchao cannot run "
-                                          "with 'disk'"):
+    with pytest.raises(PolicyError, match="components.unet.quantize: 'unet': `quantize` cannot be served for "
+                                          "strategy 'disk': torchao cannot run with 'disk'.*Use another strategy"):
         offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "disk", "quantize": "int8"}}},
                         device="cpu")
     with pytest.raises(PolicyError, match="quanto cannot run with 'group': diffusers' group offloading assigns"):
@@ -309,13 +326,15 @@ def test_quantize_auto_picks_a_backend_the_strategy_can_run():
 def test_precision_on_an_already_quantized_component_is_refused():
     pipe = tiny_pipeline("sd")
     mark(pipe.unet, "bnb_4bit")
-    with pytest.raises(PolicyError, match="already quantized .*Remove `storage_dtype`"):
+    with pytest.raises(PolicyError, match="components.unet.storage_dtype: 'unet' is already quantized "
+                                          "\\(bitsandbytes 4-bit\\); `storage_dtype` applies to float weights. Remove"):
         offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "model",
                                                                      "storage_dtype": "float8_e4m3fn"}}},
                         device="cpu")
     cast = tiny_pipeline("sd")
     cast.unet.enable_layerwise_casting(storage_dtype=torch.float8_e5m2, compute_dtype=torch.float32)
-    with pytest.raises(PolicyError, match="already layerwise casting \\(stored as float8_e5m2\\).*Reload"):
+    with pytest.raises(PolicyError, match="'unet' is already stored as float8_e5m2 \\(layerwise casting\\); the "
+                                          "rule asks for `storage_dtype: float8_e4m3fn`. Reload"):
         offloadkit.plan(cast, {"version": 1, "components": {"unet": {"strategy": "model",
                                                                      "storage_dtype": "float8_e4m3fn"}}},
                         device="cpu")
@@ -355,3 +374,83 @@ def test_apply_refuses_a_different_storage_dtype_than_the_one_already_applied():
     offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e5m2"}, None)
     with pytest.raises(PipelineError, match="already layerwise casting \\(stored as float8_e5m2\\)"):
         offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e4m3fn"}, None)
+
+
+def test_a_policy_that_quantized_a_model_resolves_the_same_when_applied_again():
+    """After `quantize`, the model is torchao; the policy's own rule still decides, not `quantization.torchao`."""
+    needs("torchao")
+    for setting in ("keep-on-device", "refuse"):
+        pipe = tiny_pipeline("sd")
+        policy = {"version": 1, "components": {"*": {"strategy": "model", "quantize": "int8"}},
+                  "quantization": {"torchao": setting}}
+        first = offloadkit.apply(pipe, policy, device="cpu").plan
+        assert spec_from_pipeline(pipe).get("unet").quantization == "torchao"
+        offloadkit.remove(pipe)
+        handle = offloadkit.apply(pipe, policy, device="cpu")
+        handle.reinstall()  # what diffusers' loaders trigger: the plan is resolved again
+        for again in (handle.plan, offloadkit.plan(pipe, policy, device="cpu")):
+            assert [(c.name, c.strategy, c.bytes) for c in again.components] == \
+                [(c.name, c.strategy, c.bytes) for c in first.components]
+    # a model quantized otherwise (here: marked torchao by its loader) is refused, not silently left as it is
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "torchao")
+    with pytest.raises(PolicyError, match="'unet' is already quantized \\(torchao\\); `quantize` applies to "
+                                          "float weights"):
+        offloadkit.plan(pipe, {"version": 1, "components": {"unet": {"strategy": "model", "quantize": "int8"}}},
+                        device="cpu")
+
+
+def test_a_wildcard_precision_change_skips_models_already_quantized_and_says_so():
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "gguf")
+    plan = offloadkit.plan(pipe, {"version": 1, "components": {"*": {"strategy": "model",
+                                                                     "storage_dtype": "float8_e4m3fn"}}},
+                           device="cpu")
+    assert "storage_dtype" not in plan.component("unet").options
+    assert "already quantized (GGUF): the `*` rule's `storage_dtype` is not applied to it" in \
+        plan.component("unet").reason
+    assert plan.component("vae").options["storage_dtype"] == "float8_e4m3fn"
+
+
+def test_auto_falls_back_to_a_strategy_the_backend_can_run_or_keeps_it_in_place(monkeypatch):
+    monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: False)
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "bnb_8bit")
+    for strategy in ("sequential", "disk"):  # their alternatives (model, group) cannot move it either
+        plan = offloadkit.plan(pipe, {"version": 1, "components": {"*": {"strategy": strategy}}}, device="cpu")
+        assert plan.component("unet").strategy == "skip" and "kept where it was loaded" in \
+            plan.component("unet").reason
+
+
+def test_refuse_holds_for_excluded_models_too():
+    pipe = tiny_pipeline("sd")
+    mark(pipe.unet, "quanto")
+    with pytest.raises(PolicyError, match="quantization.quanto: 'unet' is optimum-quanto and the policy says "
+                                          "`quanto: refuse`"):
+        offloadkit.plan(pipe, {"version": 1, "exclude": ["unet"], "quantization": {"quanto": "refuse"}},
+                        device="cpu")
+    plan = offloadkit.plan(pipe, {"version": 1, "exclude": ["unet"], "quantization": {"quanto": "keep-on-device"}},
+                           device="cpu")
+    assert plan.component("unet").strategy == "resident"  # `exclude` wins over keep-on-device
+
+
+def test_pipe_to_dtype_is_refused_while_the_policy_sets_storage_precision():
+    pipe = tiny_pipeline("sd")
+    offloadkit.apply(pipe, {"version": 1, "components": {"unet": {"strategy": "model",
+                                                                  "storage_dtype": "float8_e4m3fn"}}}, device="cpu")
+    with pytest.raises(PipelineError, match="'unet' has its storage precision set by the policy .*pipe.to\\(dtype\\)"):
+        pipe.to(torch.bfloat16)
+    assert any(p.dtype == torch.float8_e4m3fn for p in pipe.unet.parameters())
+    run(pipe)
+
+
+def test_storage_dtype_on_an_upcast_vae_of_a_float16_pipeline_is_refused():
+    pipe = tiny_pipeline("sdxl").to(torch.float16)
+    assert pipe.vae.config.force_upcast
+    for compute in ({}, {"compute_dtype": "float32"}):
+        with pytest.raises(PolicyError, match="components.vae.storage_dtype: 'vae' is a VAE with `force_upcast` in "
+                                              "a float16 pipeline"):
+            offloadkit.plan(pipe, {"version": 1, "components": {"vae": {
+                "strategy": "model", "storage_dtype": "float8_e4m3fn", **compute}}}, device="cpu")
+    assert offloadkit.plan(pipe, {"version": 1, "components": {"unet": {
+        "strategy": "model", "storage_dtype": "float8_e4m3fn"}}}, device="cpu")
