@@ -200,3 +200,33 @@ def test_refused_pairs_that_need_an_accelerator_do_fail_on_cuda(backend, rule, m
     left_on_device = any(p.device.type == "cuda" for p in pipe.unet.parameters())
     assert left_on_device or not np.allclose(images, reference, atol=2e-3), \
         "the refused pair ran correctly on CUDA: the limit should be lifted"
+
+
+def test_storage_dtype_with_pinned_prefetch_on_cuda_equals_diffusers_layerwise_casting():
+    ours = tiny_pipeline("sdxl")
+    policy = {"version": 1, "components": {"*": {"strategy": "model", "transfer": "pinned", "prefetch": True},
+                                           "unet": {"strategy": "model", "transfer": "pinned", "prefetch": True,
+                                                    "storage_dtype": "float8_e4m3fn"}}}
+    handle = offloadkit.apply(ours, policy, device="cuda")
+    theirs = tiny_pipeline("sdxl")
+    theirs.unet.enable_layerwise_casting(storage_dtype=torch.float8_e4m3fn, compute_dtype=torch.float32)
+    theirs.to("cuda")
+    reference = run(theirs)
+    for _ in range(2):
+        np.testing.assert_allclose(run(ours), reference, atol=1e-5)
+    moved = [e.bytes for e in handle.trace.for_call(2) if e.component == "unet" and e.action in ("onload", "prefetch")]
+    assert moved and all(b == handle.plan.component("unet").bytes for b in moved)
+
+
+@pytest.mark.parametrize("backend", ["torchao", "quanto"])
+def test_quantize_on_apply_on_cuda_equals_the_backend(backend):
+    from quantized import quantize
+
+    ours = tiny_pipeline("sd")
+    offloadkit.apply(ours, {"version": 1, "components": {"unet": {"strategy": "model", "quantize": "int8",
+                                                                  "quantize_with": backend}}}, device="cuda")
+    theirs = tiny_pipeline("sd")
+    quantize(theirs.unet, backend, linear_only=True)
+    with torch.no_grad():
+        reference = run(theirs.to("cuda"))
+        np.testing.assert_allclose(run(ours), reference, atol=2e-3)
