@@ -146,6 +146,27 @@ def test_allowed_strategies_give_the_outputs_of_the_quantized_pipeline_without_o
     assert spec_from_pipeline(pipe).get("unet").quantization == backend
 
 
+@pytest.mark.parametrize("backend", ["torchao", "bnb_8bit", "gguf", "layerwise_casting"])
+@pytest.mark.parametrize("rule_name", ["group-leaf", "sequential", "disk"])
+def test_a_quantized_transformers_text_encoder_streams_too(backend, rule_name):
+    """The same for a transformers model (CLIP), under the strategies that stream it piece by piece."""
+    rule = RULES[rule_name]
+    if limit_for(backend, rule["strategy"], _options(rule)) is not None:
+        pytest.skip("refused by the table (checked above)")
+    pipe = tiny_pipeline("sd")
+    if backend == "layerwise_casting":  # a transformers model: through offloadkit's own selection
+        offloadkit.precision._cast_layers(pipe.text_encoder, "float8_e4m3fn", "float32")
+    else:
+        quantize(pipe.text_encoder, backend)
+    assert spec_from_pipeline(pipe).get("text_encoder").quantization == backend
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"text_encoder": rule}}, device="cpu")
+    assert_same_images(run(pipe), reference)
+    assert_same_images(run(pipe), reference)
+    handle.remove()
+    assert_same_images(run(pipe), reference)
+
+
 @pytest.mark.parametrize("limit", LIMITS, ids=lambda lim: f"{lim.backend}-{lim.strategy}-{'-'.join(lim.options)}")
 def test_every_forbidden_pair_is_refused_on_the_detection_path(limit, monkeypatch):
     """Every row of the table, from the loader's attributes alone (what a GPU-only backend leaves on a model)."""
