@@ -109,7 +109,7 @@ def _state(component) -> str:
     return f"already quantized ({_label(component)})"
 
 
-def plan_precision(name, component, rule, options, sizes, policy, path, from_instance):
+def plan_precision(name, component, rule, options, sizes, policy, path, from_instance, device_type=None):
     """Check a rule's `storage_dtype`/`quantize` against the component; fill in the backend and planned size.
 
     Returns a problem; or a note (a string) when a `*` rule's change is left out for a model that is
@@ -145,7 +145,8 @@ def plan_precision(name, component, rule, options, sizes, policy, path, from_ins
                                    "need the upcast (`force_upcast: false`)", key=where != path)
     else:
         choice = options.get("quantize_with", "auto")
-        chosen, why = precision.quantize_backend(choice, rule.strategy, installed=from_instance)
+        chosen, why = precision.quantize_backend(choice, rule.strategy, installed=from_instance,
+                                                 device_type=device_type)
         if chosen is None:
             hint = ("Use `quantize_with: auto`, or another strategy" if choice != "auto" else
                     "Use another strategy (e.g. 'model' or 'group')")

@@ -146,11 +146,20 @@ def planned_tensor_bytes(module, options: dict, backend: str | None) -> dict[int
     return sizes
 
 
-def quantize_backend(choice: str, strategy: str, *, installed: bool = True) -> tuple[str | None, str | None]:
-    """(backend, None) for `quantize_with: choice` under `strategy`, or (None, why not).
+# Devices a backend's int8 weight-only layers do not run on, with the reason.
+_NOT_ON_DEVICE = {
+    ("quanto", "mps"): "quanto's int8 matmul (`qbytes_mm`) has no MPS kernel and falls back to the CPU in the middle "
+                       "of the graph (reported in deepbeepmeep/Wan2GP#1777)",
+}
 
-    `installed=False` (validating or planning without a loaded pipeline) picks by the table alone:
-    the packages are needed where the policy is applied, not where it is checked.
+
+def quantize_backend(choice: str, strategy: str, *, installed: bool = True,
+                     device_type: str | None = None) -> tuple[str | None, str | None]:
+    """(backend, None) for `quantize_with: choice` under `strategy` on `device_type`, or (None, why not).
+
+    `auto` takes torchao, else optimum-quanto: the first that is installed, runs on the device and
+    that the strategy can run with. `installed=False` (validating or planning without a loaded
+    pipeline) does not look for the packages: they are needed where the policy is applied.
     """
     from .compatibility import limit_for
 
@@ -159,6 +168,9 @@ def quantize_backend(choice: str, strategy: str, *, installed: bool = True) -> t
     for backend in candidates:
         if installed and not _installed(backend):
             reasons.append(f"{_PACKAGES[backend]} is not installed (pip install {_PACKAGES[backend]})")
+            continue
+        if (backend, device_type) in _NOT_ON_DEVICE:
+            reasons.append(f"{backend} does not run on {device_type}: {_NOT_ON_DEVICE[(backend, device_type)]}")
             continue
         limit = limit_for(backend, strategy, {})
         if limit is not None:

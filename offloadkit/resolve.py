@@ -67,7 +67,7 @@ def resolve(policy: Policy, spec: PipelineSpec, device: str) -> Plan:
         sizes[name] = component.bytes
         if precision.wants_change(options[name]):
             problem = plan_precision(name, component, rule, options[name], sizes, policy, path,
-                                     spec.from_instance)
+                                     spec.from_instance, None if device == "auto" else device.split(":")[0])
             if isinstance(problem, str):  # a note: the change is left out for this model
                 reasons[name] += f" ({problem})"
             elif problem:

@@ -475,3 +475,25 @@ def test_storage_dtype_on_an_upcast_vae_of_a_float16_pipeline_is_refused():
                 "strategy": "model", "storage_dtype": "float8_e4m3fn", **compute}}}, device="cpu")
     assert offloadkit.plan(pipe, {"version": 1, "components": {"unet": {
         "strategy": "model", "storage_dtype": "float8_e4m3fn"}}}, device="cpu")
+
+
+def test_quantize_picks_a_backend_that_runs_on_the_device(monkeypatch):
+    from offloadkit.resolve import resolve
+
+    spec = spec_from_pipeline(tiny_pipeline("sd"))
+
+    def backend_on(device, **rule):
+        policy = offloadkit.load({"version": 1, "components": {"unet": {"strategy": "model", "quantize": "int8",
+                                                                         **rule}}})
+        return resolve(policy, spec, device).component("unet").options["quantize_with"]
+
+    needs("torchao")
+    assert backend_on("mps:0") == "torchao" and backend_on("cpu:0") == "torchao"
+    assert backend_on("cuda:0", quantize_with="quanto") == "quanto"
+    with pytest.raises(PolicyError, match="for strategy 'model': quanto does not run on mps: quanto's int8 "
+                                          "matmul .*has no MPS kernel"):
+        backend_on("mps:0", quantize_with="quanto")
+    monkeypatch.setattr(offloadkit.precision, "_installed", lambda backend: backend == "quanto")
+    assert backend_on("cuda:0") == "quanto"
+    with pytest.raises(PolicyError, match="torchao is not installed .*; quanto does not run on mps"):
+        backend_on("mps:0")
