@@ -340,8 +340,7 @@ def _schema(args) -> int:
 def _list(args) -> int:
     from .loading import builtin_policies, load
 
-    from .compatibility import capability_rows
-    from .quantization import BACKENDS
+    from .compatibility import format_capabilities
     from .hardware import hardware_names, load_hardware
     from .sizing import architecture_names, read_model_index
 
@@ -354,12 +353,9 @@ def _list(args) -> int:
     print("\nhardware profiles (--hardware PROFILE; nominal values):")
     for name in hardware_names():
         print(f"  {name:<22} {load_hardware(name).description or ''}")
-    print("\nquantization backends (the policy's `quantization` keys) x strategies; reasons in the README:")
-    for key, cells in capability_rows():
-        refused = [s for s, cell in cells.items() if cell == "no"]
-        partly = [f"{s} ({cell})" for s, cell in cells.items() if cell.startswith("yes, except")]
-        text = f"{BACKENDS[key]}: refused " + (", ".join(refused) or "nothing")
-        print(f"  {key:<22} {text}" + (f"; {'; '.join(partly)}" if partly else ""))
+    print("\nquantization backends (the policy's `quantization` keys) x strategies:")
+    for line in format_capabilities().splitlines():
+        print(f"  {line}" if line else "")
     return 0
 
 

@@ -79,13 +79,12 @@ class Limit:
                     "the same)")
         return " or ".join(repr(s) for s in self.instead)
 
+    def covers(self, strategy: str, options: dict) -> bool:
+        """Whether the limit is about this strategy with these options (whatever is installed)."""
+        return strategy == self.strategy and all(options.get(key) in values for key, values in self.options.items())
+
     def matches(self, strategy: str, options: dict) -> bool:
-        if strategy != self.strategy:
-            return False
-        for key, values in self.options.items():
-            if options.get(key) not in values:
-                return False
-        return self.applies()
+        return self.covers(strategy, options) and self.applies()
 
 
 _STREAMING_REBUILD = "Accelerate's per-layer streaming re-creates each parameter from its host copy as"
@@ -104,9 +103,9 @@ LIMITS: tuple[Limit, ...] = (
           "accelerator to show)", options={"transfer": _DATA_SWAP}),
     Limit("bnb_8bit", "sequential", f"{_STREAMING_REBUILD} 8-bit data without its scales (`SCB` is None in "
           "the forward); and the layer keeps a second reference to its int8 data (`state.CB`), so streaming "
-          "would free nothing", ("model", "group"), _ON_CPU),
+          "would free nothing", ("model",), _ON_CPU),
     Limit("bnb_8bit", "disk", "the layer computes from its own reference to the int8 data (`state.CB`), which "
-          "outlives the memory-mapped file (the process crashed in MatMul8bitLt)", ("model", "group"), _ON_CPU),
+          "outlives the memory-mapped file (the process crashed in MatMul8bitLt)", ("model",), _ON_CPU),
     Limit("bnb_4bit", "model", "bitsandbytes keeps the 4-bit quantization state (`quant_state`) as an attribute "
           "of the weight, which swapping `param.data` leaves in host memory", ("model",),
           "bitsandbytes' Params4bit source (needs an accelerator to show)", options={"transfer": _DATA_SWAP}),
@@ -163,8 +162,7 @@ def limit_for(backend: str | None, strategy: str, options: dict) -> Limit | None
 def limit_for_any_version(backend: str, strategy: str, options: dict) -> Limit | None:
     """A limit that holds whatever is installed (no version gate), for checks without a pipeline."""
     for limit in LIMITS:
-        if limit.backend == backend and not limit.gate and limit.strategy == strategy and all(
-                options.get(key) in values for key, values in limit.options.items()):
+        if limit.backend == backend and not limit.gate and limit.covers(strategy, options):
             return limit
     return None
 
@@ -193,15 +191,16 @@ def capability_rows() -> list[tuple[str, dict[str, str]]]:
 
 
 def format_capabilities() -> str:
-    """The table as text, with every limit's reason and where it was seen."""
-    rows = capability_rows()
-    lines = ["backend x strategy (what offloadkit allows)", ""]
-    width = max(len(key) for key, _ in rows)
-    for key, cells in rows:
-        lines.append(f"{key.ljust(width)}  " + "  ".join(f"{s}: {cells[s]}" for s in STRATEGY_ORDER))
+    """The table as text (what `offloadkit list` prints): per backend what is refused, then every limit."""
+    lines = []
+    for key, cells in capability_rows():
+        refused = [s for s, cell in cells.items() if cell == "no"]
+        partly = [f"{s} ({cell})" for s, cell in cells.items() if cell.startswith("yes, except")]
+        text = f"{BACKENDS[key]}: refused " + (", ".join(refused) or "nothing")
+        lines.append(f"{key:<22} {text}" + (f"; {'; '.join(partly)}" if partly else ""))
     lines += ["", "limits:"]
     for lim in LIMITS:
         gate = f" [only with {lim.gate}]" if lim.gate else ""
-        lines.append(f"- {BACKENDS[lim.backend]} x {lim.what}{gate}: {lim.reason}. Instead: "
-                     f"{' or '.join(repr(s) for s in lim.instead)}. Source: {lim.seen}.")
+        lines.append(f"- {BACKENDS[lim.backend]} x {lim.what}{gate}: {lim.reason}. Instead: {lim.alternative}. "
+                     f"Source: {lim.seen}.")
     return "\n".join(lines)

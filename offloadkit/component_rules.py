@@ -160,7 +160,7 @@ def plan_precision(name, component, rule, options, sizes, policy, path, from_ins
         return located_problem(policy, path, _refusal(subject, limit))
     module = component.module
     if module is not None and not own:
-        with planned_sizes(precision.planned_tensor_bytes(module, options, options.get("quantize_with"))):
+        with planned_sizes(precision.planned_tensor_bytes(module, options)):
             sizes[name] = module_bytes(module)
     return None
 

@@ -260,8 +260,7 @@ class OffloadHandle:
         components = self.pipe.components
         for component in self.plan.components:
             if wants_change(component.options):
-                apply_precision(component.name, components[component.name], component.options,
-                                component.options.get("quantize_with"))
+                apply_precision(component.name, components[component.name], component.options)
 
     def _install_hooks(self) -> None:
         ctx = _InstallContext(self)

@@ -130,7 +130,7 @@ def _int8_bytes(weight, backend: str) -> int:
     return weight.numel() + rows * weight.element_size() + 2 * weight.element_size()
 
 
-def planned_tensor_bytes(module, options: dict, backend: str | None) -> dict[int, int]:
+def planned_tensor_bytes(module, options: dict) -> dict[int, int]:
     """{id(tensor): bytes} for the tensors the options change, as they will be stored afterwards."""
     sizes = {}
     storage = options.get("storage_dtype")
@@ -142,7 +142,7 @@ def planned_tensor_bytes(module, options: dict, backend: str | None) -> dict[int
                     sizes[id(tensor)] = tensor.numel() * per_element
     elif options.get("quantize"):
         for _, layer in quantizable_layers(module):
-            sizes[id(layer.weight)] = _int8_bytes(layer.weight, backend)
+            sizes[id(layer.weight)] = _int8_bytes(layer.weight, options.get("quantize_with"))
     return sizes
 
 
@@ -193,10 +193,11 @@ def _installed(backend: str) -> bool:
         return False
 
 
-def apply_precision(name: str, module, options: dict, backend: str | None) -> None:
+def apply_precision(name: str, module, options: dict) -> None:
     """Make the precision change `options` asks for, unless the component already has it."""
     from .quantization import detect
 
+    backend = options.get("quantize_with")  # resolved by the plan: torchao or quanto
     found = detect(module)
     storage = options.get("storage_dtype")
     if storage:

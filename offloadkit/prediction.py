@@ -403,7 +403,7 @@ class PredictionContext:
         sizes = {}
         for c in plan.components:
             if c.name in changed:
-                sizes.update(precision.planned_tensor_bytes(changed[c.name], c.options, c.options.get("quantize_with")))
+                sizes.update(precision.planned_tensor_bytes(changed[c.name], c.options))
         with planned_sizes(sizes):
             if changed:
                 plan = replace(plan, components=tuple(

@@ -190,6 +190,8 @@ def test_the_table_covers_every_backend_and_strategy_and_prints():
     text = format_capabilities()
     for limit in LIMITS:
         assert limit.reason in text
+        for instead in limit.instead:  # an alternative is never itself refused for that backend
+            assert instead == limit.strategy or limit_for(limit.backend, instead, {}) is None, (limit, instead)
     rows = dict(offloadkit.compatibility.capability_rows())
     assert rows["quanto"]["group"] == "no" and rows["torchao"]["group"].startswith("yes, except with a diffusers")
     assert rows["gguf"]["group"] == "yes" and rows["bnb_8bit"]["group"] == "no"
@@ -392,9 +394,9 @@ def test_a_missing_quantize_backend_is_named(monkeypatch):
 
 def test_apply_refuses_a_different_storage_dtype_than_the_one_already_applied():
     pipe = tiny_pipeline("sd")
-    offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e5m2"}, None)
+    offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e5m2"})
     with pytest.raises(PipelineError, match="already layerwise casting \\(stored as float8_e5m2\\)"):
-        offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e4m3fn"}, None)
+        offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e4m3fn"})
 
 
 def test_a_policy_that_quantized_a_model_resolves_the_same_when_applied_again():
