@@ -30,9 +30,10 @@ def _linear_children(module):
                 yield parent, name, child
 
 
-def quantize(module, backend, linear_only=False):
+def quantize(module, backend, linear_only=False, device="cpu"):
     """Quantize `module`'s layers (quanto: Linear and Conv unless `linear_only`; the others: Linear) in place,
-    or cast them, for layerwise casting."""
+    or cast them, for layerwise casting. `device`: where bitsandbytes quantizes its layers (and leaves them),
+    as a loader's `device_map` does; the other backends quantize where the module is."""
     needs(backend)
     if backend == "torchao":
         from torchao.quantization import Int8WeightOnlyConfig, quantize_
@@ -60,7 +61,7 @@ def quantize(module, backend, linear_only=False):
                 layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
             if linear.bias is not None:
                 layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
-            setattr(parent, name, layer.to("cpu"))  # bitsandbytes quantizes when the layer is moved
+            setattr(parent, name, layer.to(device))  # bitsandbytes quantizes when the layer is moved
     elif backend == "gguf":
         import gguf
         from diffusers.quantizers.gguf.utils import GGUFLinear, GGUFParameter
