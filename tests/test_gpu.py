@@ -195,8 +195,8 @@ def test_quanto_with_diffusers_group_offloading_fails_on_cuda_as_the_table_says(
     ("torchao", {"strategy": "model", "transfer": "pinned"}),   # row (e): `.data` does not move torchao tensors
     ("quanto", {"strategy": "model", "transfer": "copy-free"}),  # row (e)
     ("bnb_4bit", {"strategy": "model", "transfer": "pinned"}),  # row (a): quant_state stays on the host
-    ("bnb_8bit", {"strategy": "group"}),                          # row for bnb 8-bit x group: SCB/CB stay on the host
-    ("bnb_4bit", {"strategy": "group", "offload_type": "leaf_level"}),  # quant_state stays on the host
+    ("bnb_8bit", {"strategy": "group"}),                          # row (k): the layer's `state.CB` stays behind
+    ("bnb_4bit", {"strategy": "group", "offload_type": "leaf_level"}),  # row (l): quant_state stays on the host
 ])
 def test_refused_pairs_that_need_an_accelerator_do_fail_on_cuda(backend, rule, monkeypatch):
     """The table's limits seen only in the libraries' source: forced past the table, they must misbehave here."""
