@@ -305,6 +305,12 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
     for c in plan.components:
         if c.strategy == "skip":
             notes.append(f"{c.name!r} is skipped: offloadkit does not manage it, so its weights are not counted")
+    if any(c.strategy == "disk" for c in plan.components):
+        from .strategies.disk import host_allocator_note
+
+        allocator = host_allocator_note()
+        if allocator:
+            notes.append(allocator)
     return Prediction(
         pipeline=plan.pipeline,
         policy=plan.policy,

@@ -137,3 +137,21 @@ def test_block_granularity_refuses_offloaded_buffers():
     with pytest.raises(PolicyError, match="`offload_buffers: true` does not work with `granularity: block`"):
         offloadkit.load({"version": 1, "components": {"unet": {"strategy": "disk", "granularity": "block",
                                                                "offload_buffers": True}}})
+
+
+def test_plan_tells_glibc_users_how_to_keep_host_ram_down(monkeypatch):
+    import platform
+
+    pipe = tiny_pipeline("sd")
+    disk = {"version": 1, "components": {"unet": {"strategy": "disk"}}}
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: ("glibc", "2.39"))
+    notes = offloadkit.predict(pipe, disk, device="cpu").notes
+    assert any("MALLOC_MMAP_THRESHOLD_=1048576" in n for n in notes), notes
+    # only for the disk tier, only under glibc, and not once the variable is set
+    assert not any("MALLOC" in n for n in offloadkit.predict(pipe, "diffusers-default", device="cpu").notes)
+    monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: ("", ""))
+    assert not any("MALLOC" in n for n in offloadkit.predict(pipe, disk, device="cpu").notes)
+    monkeypatch.setattr(platform, "libc_ver", lambda *args, **kwargs: ("glibc", "2.39"))
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "1048576")
+    assert not any("MALLOC" in n for n in offloadkit.predict(pipe, disk, device="cpu").notes)
