@@ -952,6 +952,156 @@ def _write_json(path: str, payload: dict) -> None:
     os.replace(partial, path)
 
 
+def _print_header(header: str) -> None:
+    print(header)
+    print("-" * len(header))
+
+
+def print_per_call(run: list, results: dict, comparison: dict, args) -> None:
+    """Time, VRAM and RSS per method, and how its image compares with the reference."""
+    header = (f"{'method':<21} {'setup s':>8} {'call ms':>10} {'VRAM peak GiB':>14} {'reserved':>9} "
+              f"{'VRAM rest':>10} {'RSS setup':>10} {'RSS call pk':>12} {'RSS max':>8} {'max|d| vs ref':>14}  out")
+    _print_header(header)
+    for method in run:
+        r = results[method]
+        if not r.get("ok"):
+            print(f"{method:<21} ERROR: {r.get('error', '?')}")
+            continue
+        cmp = comparison["methods"].get(method, {})
+        diff = cmp.get("max_abs_diff")
+        if cmp.get("identical"):
+            verdict = "identical"
+        elif cmp.get("allclose"):
+            verdict = "close"
+        else:
+            verdict = "DIFFERENT"
+        if r.get("nan_count"):
+            verdict += f" ({r['nan_count']} NaN)"
+        if not r.get("stable_across_calls"):
+            verdict += f" (calls differ by {r.get('max_diff_across_calls'):.2g})"
+        print(f"{method:<21} {r['setup_s']:>8.2f} {r['call_median_s'] * 1e3:>10.1f} {_gib(r.get('vram_peak_max')):>14} "
+              f"{_gib(r.get('vram_reserved_peak_max')):>9} {_gib(r.get('vram_at_rest')):>10} "
+              f"{_gib(r.get('rss_after_setup')):>10} {_gib(r.get('rss_call_peak')):>12} {_gib(r.get('ru_maxrss')):>8} "
+              f"{(f'{diff:.3g}' if diff is not None else '-'):>14}  {verdict}")
+    print(f"call ms: median of {args.calls}; VRAM: torch.cuda max_memory_allocated / max_memory_reserved per call "
+          f"(max over calls), memory_allocated after setup; RSS in GiB (after setup, peak of the timed calls, "
+          f"ru_maxrss of the process incl. the build); images vs {comparison.get('reference')!r}, "
+          f"allclose atol={args.atol}")
+    print()
+
+
+def print_predicted(run: list, results: dict) -> None:
+    """offloadkit.predict next to what the offloadkit methods measured."""
+    predicted_rows = [m for m in run if results[m].get("ok") and results[m].get("predicted")]
+    if predicted_rows:
+        print("offloadkit.predict vs measured (per call; measured = median over the timed calls):")
+        header = (f"{'method':<21} {'VRAM peak pred':>14} {'measured':>9} {'ratio':>6} {'moved GiB pred':>14} "
+                  f"{'traced':>7} {'move s pred':>11} {'traced':>7} {'ratio':>6}")
+        _print_header(header)
+        for method in predicted_rows:
+            r = results[method]
+            p = r["predicted"]
+            if "error" in p:
+                print(f"{method:<21} prediction failed: {p['error']}")
+                continue
+            traced = r.get("trace_timed_calls") or []
+            moved = statistics.median(c["bytes_moved"] for c in traced) if traced else None
+            seconds = statistics.median(c["seconds_moving"] for c in traced) if traced else None
+            peak_ratio = _ratio(p["device_peak_bytes"], r.get("vram_peak_max"))
+            time_ratio = _ratio(p["transfer_seconds"], seconds)
+            cells = [_gib(p["device_peak_bytes"]), _gib(r.get("vram_peak_max")), _fmt(peak_ratio, ".2f"),
+                     _gib(p["bytes_moved"]), _gib(moved), _fmt(p["transfer_seconds"], ".3f"), _fmt(seconds, ".3f"),
+                     _fmt(time_ratio, ".2f")]
+            widths = (14, 9, 6, 14, 7, 11, 7, 6)
+            print(f"{method:<21} " + " ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
+        print("VRAM: predicted device peak (weights + working memory) vs max_memory_allocated; move s: predicted "
+              "transfer seconds (hardware profile: --hardware) vs the trace's seconds moving (non-blocking copies "
+              "are counted until queued, not done)")
+        print()
+
+
+def print_transitions(run: list, results: dict) -> dict:
+    """Synchronised component transitions of the model-offload methods; returns diffusers / offloadkit ratios."""
+    transition_rows = [m for m in run if m in MODEL_OFFLOAD and results[m].get("transitions")]
+    ratios = {}
+    if transition_rows:
+        print("component transitions (synchronised pre_forward of the whole-model hook: offload of the previous "
+              "model + onload), ms, median of the transition calls:")
+        comps = [c for c in COMPONENT_ORDER
+                 if any(c in results[m]["transitions"]["components"] for m in transition_rows)]
+        header = f"{'method':<17} " + " ".join(f"{c:>15}" for c in comps) + \
+                 f" {'all/call':>10} {'unet offl.prev':>15} {'unet steady':>12} {'unet trace':>11}"
+        _print_header(header)
+        for method in transition_rows:
+            t = results[method]["transitions"]
+            unet = t["components"].get("unet", {})
+            trace = (results[method].get("trace_onload_ms") or {}).get("unet")
+            print(f"{method:<17} " + " ".join(f"{_ms(t['components'].get(c, {}).get('transition_ms')):>15}"
+                                              for c in comps)
+                  + f" {_ms(t['all_transitions_per_call_ms']):>10} {_ms(unet.get('offload_prev_ms')):>15}"
+                    f" {_ms(unet.get('steady_pre_forward_ms')):>12} {_ms(trace):>11}")
+        print("unet offl.prev: of the UNet transition, offloading text_encoder_2; unet steady: later pre_forwards "
+              "(one per step); unet trace: offloadkit's own trace seconds for the onload (not synchronised)")
+        baseline = results.get("diffusers-model", {}).get("transitions")
+        if baseline:
+            print()
+            print("ratio diffusers-model / offloadkit per transition (higher = offloadkit faster):")
+            header = f"{'method':<17} " + " ".join(f"{c:>15}" for c in comps) + f" {'all/call':>10}"
+            _print_header(header)
+            for method in transition_rows:
+                if method == "diffusers-model":
+                    continue
+                t = results[method]["transitions"]
+                row = {c: _ratio(baseline["components"].get(c, {}).get("transition_ms"),
+                                 t["components"].get(c, {}).get("transition_ms")) for c in comps}
+                row["all/call"] = _ratio(baseline["all_transitions_per_call_ms"], t["all_transitions_per_call_ms"])
+                ratios[method] = row
+                cells = [f"{row[c]:.2f}x" if row[c] else "-" for c in comps + ["all/call"]]
+                print(f"{method:<17} " + " ".join(f"{cell:>15}" for cell in cells[:-1]) + f" {cells[-1]:>10}")
+        print()
+    return ratios
+
+
+def evaluate_targets(run: list, results: dict, ratios: dict, device) -> list:
+    """The issue's targets, each PASS, FAIL or n/a with its value."""
+    targets = []
+    pinned_ratio = ratios.get("ok-pinned", {}).get("unet")
+    if pinned_ratio is None:
+        why = "needs ok-pinned and diffusers-model on a CUDA device" if device.type != "cuda" or \
+            not {"ok-pinned", "diffusers-model"} <= set(run) else "no transition measured (see errors above)"
+        targets.append({"target": f"ok-pinned UNet transition >= {PINNED_TARGET}x faster than diffusers-model",
+                        "value": None, "result": "n/a", "why": why})
+    else:
+        targets.append({"target": f"ok-pinned UNet transition >= {PINNED_TARGET}x faster than diffusers-model",
+                        "value": pinned_ratio, "result": "PASS" if pinned_ratio >= PINNED_TARGET else "FAIL"})
+    group_df = results.get("diffusers-group", {})
+    streams = device.type != "cpu"
+    for ours in ("ok-group-all", "ok-group-stream"):
+        if ours not in run:
+            continue
+        group_ok = results.get(ours, {})
+        target = f"{ours} time per call <= diffusers-group"
+        if group_ok.get("ok") and group_df.get("ok"):
+            ratio = group_ok["call_median_s"] / group_df["call_median_s"]
+            verdict = "PASS" if ratio <= 1.0 else "FAIL"
+            if not streams:
+                verdict = "n/a (no streams on the CPU)"
+            targets.append({"target": target, "value": ratio, "result": verdict})
+        else:
+            targets.append({"target": target, "value": None, "result": "n/a",
+                            "why": f"needs {ours} and diffusers-group (both ran OK)"})
+    return targets
+
+
+def print_targets(targets: list) -> None:
+    print("targets:")
+    for t in targets:
+        value = f"{t['value']:.3f}" if t["value"] is not None else "-"
+        extra = f" ({t['why']})" if t.get("why") else ""
+        print(f"  {t['target']:<62} value {value:>7}  {t['result']}{extra}")
+    print("  (value: diffusers / offloadkit UNet transition time; offloadkit / diffusers time per call)")
+
+
 def main(argv=None) -> int:
     args = _parse_args(argv)
     if args.child:
@@ -1024,141 +1174,11 @@ def main(argv=None) -> int:
         print("WARNING: the methods did not build the same weights (fingerprints differ)")
     print()
 
-    # --- per call ---------------------------------------------------------------------------------
-    header = (f"{'method':<21} {'setup s':>8} {'call ms':>10} {'VRAM peak GiB':>14} {'reserved':>9} "
-              f"{'VRAM rest':>10} {'RSS setup':>10} {'RSS call pk':>12} {'RSS max':>8} {'max|d| vs ref':>14}  out")
-    print(header)
-    print("-" * len(header))
-    for method in run:
-        r = results[method]
-        if not r.get("ok"):
-            print(f"{method:<21} ERROR: {r.get('error', '?')}")
-            continue
-        cmp = comparison["methods"].get(method, {})
-        diff = cmp.get("max_abs_diff")
-        if cmp.get("identical"):
-            verdict = "identical"
-        elif cmp.get("allclose"):
-            verdict = "close"
-        else:
-            verdict = "DIFFERENT"
-        if r.get("nan_count"):
-            verdict += f" ({r['nan_count']} NaN)"
-        if not r.get("stable_across_calls"):
-            verdict += f" (calls differ by {r.get('max_diff_across_calls'):.2g})"
-        print(f"{method:<21} {r['setup_s']:>8.2f} {r['call_median_s'] * 1e3:>10.1f} {_gib(r.get('vram_peak_max')):>14} "
-              f"{_gib(r.get('vram_reserved_peak_max')):>9} {_gib(r.get('vram_at_rest')):>10} "
-              f"{_gib(r.get('rss_after_setup')):>10} {_gib(r.get('rss_call_peak')):>12} {_gib(r.get('ru_maxrss')):>8} "
-              f"{(f'{diff:.3g}' if diff is not None else '-'):>14}  {verdict}")
-    print(f"call ms: median of {args.calls}; VRAM: torch.cuda max_memory_allocated / max_memory_reserved per call "
-          f"(max over calls), memory_allocated after setup; RSS in GiB (after setup, peak of the timed calls, "
-          f"ru_maxrss of the process incl. the build); images vs {comparison.get('reference')!r}, "
-          f"allclose atol={args.atol}")
-    print()
-
-    # --- predicted vs measured (offloadkit methods) ------------------------------------------------
-    predicted_rows = [m for m in run if results[m].get("ok") and results[m].get("predicted")]
-    if predicted_rows:
-        print("offloadkit.predict vs measured (per call; measured = median over the timed calls):")
-        header = (f"{'method':<21} {'VRAM peak pred':>14} {'measured':>9} {'ratio':>6} {'moved GiB pred':>14} "
-                  f"{'traced':>7} {'move s pred':>11} {'traced':>7} {'ratio':>6}")
-        print(header)
-        print("-" * len(header))
-        for method in predicted_rows:
-            r = results[method]
-            p = r["predicted"]
-            if "error" in p:
-                print(f"{method:<21} prediction failed: {p['error']}")
-                continue
-            traced = r.get("trace_timed_calls") or []
-            moved = statistics.median(c["bytes_moved"] for c in traced) if traced else None
-            seconds = statistics.median(c["seconds_moving"] for c in traced) if traced else None
-            peak_ratio = _ratio(p["device_peak_bytes"], r.get("vram_peak_max"))
-            time_ratio = _ratio(p["transfer_seconds"], seconds)
-            cells = [_gib(p["device_peak_bytes"]), _gib(r.get("vram_peak_max")), _fmt(peak_ratio, ".2f"),
-                     _gib(p["bytes_moved"]), _gib(moved), _fmt(p["transfer_seconds"], ".3f"), _fmt(seconds, ".3f"),
-                     _fmt(time_ratio, ".2f")]
-            widths = (14, 9, 6, 14, 7, 11, 7, 6)
-            print(f"{method:<21} " + " ".join(f"{cell:>{width}}" for cell, width in zip(cells, widths)))
-        print("VRAM: predicted device peak (weights + working memory) vs max_memory_allocated; move s: predicted "
-              "transfer seconds (hardware profile: --hardware) vs the trace's seconds moving (non-blocking copies "
-              "are counted until queued, not done)")
-        print()
-
-    # --- component transitions --------------------------------------------------------------------
-    transition_rows = [m for m in run if m in MODEL_OFFLOAD and results[m].get("transitions")]
-    ratios = {}
-    if transition_rows:
-        print("component transitions (synchronised pre_forward of the whole-model hook: offload of the previous "
-              "model + onload), ms, median of the transition calls:")
-        comps = [c for c in COMPONENT_ORDER
-                 if any(c in results[m]["transitions"]["components"] for m in transition_rows)]
-        header = f"{'method':<17} " + " ".join(f"{c:>15}" for c in comps) + \
-                 f" {'all/call':>10} {'unet offl.prev':>15} {'unet steady':>12} {'unet trace':>11}"
-        print(header)
-        print("-" * len(header))
-        for method in transition_rows:
-            t = results[method]["transitions"]
-            unet = t["components"].get("unet", {})
-            trace = (results[method].get("trace_onload_ms") or {}).get("unet")
-            print(f"{method:<17} " + " ".join(f"{_ms(t['components'].get(c, {}).get('transition_ms')):>15}"
-                                              for c in comps)
-                  + f" {_ms(t['all_transitions_per_call_ms']):>10} {_ms(unet.get('offload_prev_ms')):>15}"
-                    f" {_ms(unet.get('steady_pre_forward_ms')):>12} {_ms(trace):>11}")
-        print("unet offl.prev: of the UNet transition, offloading text_encoder_2; unet steady: later pre_forwards "
-              "(one per step); unet trace: offloadkit's own trace seconds for the onload (not synchronised)")
-        baseline = results.get("diffusers-model", {}).get("transitions")
-        if baseline:
-            print()
-            print("ratio diffusers-model / offloadkit per transition (higher = offloadkit faster):")
-            header = f"{'method':<17} " + " ".join(f"{c:>15}" for c in comps) + f" {'all/call':>10}"
-            print(header)
-            print("-" * len(header))
-            for method in transition_rows:
-                if method == "diffusers-model":
-                    continue
-                t = results[method]["transitions"]
-                row = {c: _ratio(baseline["components"].get(c, {}).get("transition_ms"),
-                                 t["components"].get(c, {}).get("transition_ms")) for c in comps}
-                row["all/call"] = _ratio(baseline["all_transitions_per_call_ms"], t["all_transitions_per_call_ms"])
-                ratios[method] = row
-                cells = [f"{row[c]:.2f}x" if row[c] else "-" for c in comps + ["all/call"]]
-                print(f"{method:<17} " + " ".join(f"{cell:>15}" for cell in cells[:-1]) + f" {cells[-1]:>10}")
-        print()
-
-    # --- targets ----------------------------------------------------------------------------------
-    targets = []
-    pinned_ratio = ratios.get("ok-pinned", {}).get("unet")
-    if pinned_ratio is None:
-        why = "needs ok-pinned and diffusers-model on a CUDA device" if device.type != "cuda" or \
-            not {"ok-pinned", "diffusers-model"} <= set(run) else "no transition measured (see errors above)"
-        targets.append({"target": f"ok-pinned UNet transition >= {PINNED_TARGET}x faster than diffusers-model",
-                        "value": None, "result": "n/a", "why": why})
-    else:
-        targets.append({"target": f"ok-pinned UNet transition >= {PINNED_TARGET}x faster than diffusers-model",
-                        "value": pinned_ratio, "result": "PASS" if pinned_ratio >= PINNED_TARGET else "FAIL"})
-    group_df = results.get("diffusers-group", {})
-    streams = device.type != "cpu"
-    for ours in ("ok-group-all", "ok-group-stream"):
-        group_ok = results.get(ours, {})
-        target = f"{ours} time per call <= diffusers-group"
-        if ours not in run:
-            continue
-        if group_ok.get("ok") and group_df.get("ok"):
-            ratio = group_ok["call_median_s"] / group_df["call_median_s"]
-            verdict = "PASS" if ratio <= 1.0 else "FAIL"
-            if not streams:
-                verdict = "n/a (no streams on the CPU)"
-            targets.append({"target": target, "value": ratio, "result": verdict})
-        else:
-            targets.append({"target": target, "value": None, "result": "n/a",
-                            "why": f"needs {ours} and diffusers-group (both ran OK)"})
-    print("targets:")
-    for t in targets:
-        value = f"{t['value']:.3f}" if t["value"] is not None else "-"
-        extra = f" ({t['why']})" if t.get("why") else ""
-        print(f"  {t['target']:<62} value {value:>7}  {t['result']}{extra}")
-    print("  (value: diffusers / offloadkit UNet transition time; offloadkit / diffusers time per call)")
+    print_per_call(run, results, comparison, args)
+    print_predicted(run, results)
+    ratios = print_transitions(run, results)
+    targets = evaluate_targets(run, results, ratios, device)
+    print_targets(targets)
     failed = [m for m in run if not results[m].get("ok")]
     if failed:
         print()
