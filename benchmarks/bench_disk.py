@@ -228,7 +228,7 @@ def install_hook_timers(method: str, timer: HookTimer) -> None:
         timer.wrap(AlignDevicesHook, "pre_forward", "AlignDevicesHook.pre_forward (weights_map[...] + set tensors)")
         timer.wrap(AlignDevicesHook, "post_forward", "AlignDevicesHook.post_forward (back to meta)")
         if method == "offloadkit":
-            from offloadkit.disk_store import DiskWeights
+            from offloadkit.runtime.disk_store import DiskWeights
 
             timer.wrap(DiskWeights, "__getitem__", "  of which DiskWeights.__getitem__ (get_tensor [+clone])")
         else:
@@ -341,7 +341,7 @@ def child_main(args) -> int:
         from diffusers.utils import logging as diffusers_logging
 
         import offloadkit  # noqa: F401
-        import offloadkit.install  # noqa: F401
+        import offloadkit.runtime.install  # noqa: F401
         import offloadkit.testing  # noqa: F401
 
         diffusers_logging.set_verbosity_error()

@@ -63,7 +63,7 @@ Component transitions (the model-offload methods: diffusers-model, ok-default,
 ok-copy-free, ok-pinned). After the timed calls, ``--transition-calls`` more calls
 are made with every ``pre_forward`` of the whole-model offload hooks timed: the
 class methods ``accelerate.hooks.CpuOffload.pre_forward`` (diffusers) and
-``offloadkit.hooks.ChainOffloadHook.pre_forward`` (offloadkit) are wrapped in the
+``offloadkit.runtime.strategies.model.ChainOffloadHook.pre_forward`` (offloadkit) are wrapped in the
 child by a timer that calls ``torch.cuda.synchronize()`` before starting and
 after the hook returns, so a non-blocking (pinned) onload is counted until the
 copy has finished and no earlier GPU work is counted. ``UserCpuOffloadHook.offload``
@@ -663,7 +663,7 @@ def _median_ms(samples):
 def predict_method(method: str, pipe, device, args) -> dict:
     """offloadkit.predict for the method's policy and this call's size (errors are recorded, not raised)."""
     import offloadkit
-    from offloadkit.schedule import CallSettings
+    from offloadkit.prediction.schedule import CallSettings
 
     try:
         settings = CallSettings(height=args.height, width=args.width, steps=args.steps, guidance=GUIDANCE > 1)
@@ -709,7 +709,7 @@ def child_main(args) -> int:
 
         # Instrument before anything is installed (class methods; enabled only for the transition calls).
         from accelerate.hooks import CpuOffload, UserCpuOffloadHook
-        from offloadkit.hooks import ChainOffloadHook
+        from offloadkit.runtime.strategies.model import ChainOffloadHook
 
         start = time.perf_counter()
         pipe, result["weights_from"] = build_pipeline(args.size, args.seed, dtype, args.weights_cache)

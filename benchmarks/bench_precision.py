@@ -50,8 +50,8 @@ def main(argv=None) -> int:
     from check_predictions import build_sd15
 
     import offloadkit
-    from offloadkit.plans import format_bytes
-    from offloadkit.storage import module_bytes
+    from offloadkit.plans.plan import format_bytes
+    from offloadkit.tensor_bytes import module_bytes
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

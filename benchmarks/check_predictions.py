@@ -47,7 +47,7 @@ def build_sd15(seed: int = 0):
     from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
     from transformers import CLIPTextConfig, CLIPTextModel
 
-    from offloadkit.sizing import model_folder
+    from offloadkit.prediction.sizing import model_folder
     from offloadkit.testing import _clip_tokenizer
 
     folder = model_folder("sd15")
@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import torch
 
     import offloadkit
-    from offloadkit.plans import format_bytes
+    from offloadkit.plans.plan import format_bytes
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

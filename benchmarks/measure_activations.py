@@ -1,8 +1,8 @@
-"""Measure the working memory of real forwards on CPU and compare it with offloadkit.activations' estimate.
+"""Measure the working memory of real forwards on CPU and compare it with offloadkit.prediction.activations' estimate.
 
 Each case runs one inference forward (``torch.no_grad``, eval, float32) of a real model with
 random weights and counts the peak bytes of the tensors the forward creates (weights and
-inputs excluded) with ``offloadkit.activations.measure_peak``, a TorchDispatchMode that adds
+inputs excluded) with ``offloadkit.prediction.activations.measure_peak``, a TorchDispatchMode that adds
 each new storage when an op returns it and subtracts it when it is freed. CPU SDPA runs
 PyTorch's flash-attention kernel (``_scaled_dot_product_flash_attention_for_cpu``, printed
 per case), which, like flash / memory-efficient attention on CUDA, never materialises the
@@ -31,9 +31,9 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import torch  # noqa: E402
 
-from offloadkit.activation_measurement import example_forward, measure_peak  # noqa: E402
-from offloadkit.activations import working_memory  # noqa: E402
-from offloadkit.sizing import _quiet_libraries, _read_json, _resolve_class, model_folder, read_model_index  # noqa: E402
+from offloadkit.prediction.activation_measurement import example_forward, measure_peak  # noqa: E402
+from offloadkit.prediction.activations import working_memory  # noqa: E402
+from offloadkit.prediction.sizing import _quiet_libraries, _read_json, _resolve_class, model_folder, read_model_index  # noqa: E402
 from offloadkit.testing import tiny_pipeline  # noqa: E402
 
 MiB = 2**20

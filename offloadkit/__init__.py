@@ -23,18 +23,21 @@ from .errors import (
     PipelineError,
     PolicyError,
     Problem,
+    SynthesisError,
 )
-from .loading import builtin_policies, load
-from .plans import ComponentPlan, Plan
-from .schema import Policy
+from .plans.plan import ComponentPlan, Plan
+from .policy.loading import builtin_policies, load
+from .policy.schema import Policy
 
 __version__ = "0.1.0"
 
-_LAZY = {"apply": "install", "plan": "install", "remove": "install", "OffloadHandle": "install",
-         "Trace": "trace", "TraceEvent": "trace", "predict": "prediction", "Prediction": "prediction",
-         "CallSettings": "schedule", "synthesize": "synthesis", "Synthesis": "synthesis",
-         "SynthesisError": "synthesis", "HardwareProfile": "hardware", "load_hardware": "hardware",
-         "calibrate": "hardware"}
+# Imported when first used: these need torch (or, for the planner, its sizing machinery).
+_LAZY = {"apply": "runtime.install", "plan": "runtime.install", "remove": "runtime.install",
+         "OffloadHandle": "runtime.handle", "Trace": "runtime.trace", "TraceEvent": "runtime.trace",
+         "predict": "prediction.replay", "Prediction": "prediction.replay", "CallSettings": "prediction.schedule",
+         "synthesize": "prediction.synthesis", "Synthesis": "prediction.synthesis",
+         "HardwareProfile": "prediction.hardware", "load_hardware": "prediction.hardware",
+         "calibrate": "prediction.calibrate"}
 
 __all__ = sorted([
     "BudgetExceededError", "BudgetWarning", "CallSettings", "ComponentPlan", "DeviceError", "HardwareError",

@@ -109,7 +109,7 @@ def _positive(text: str) -> int:
 
 
 def _size_argument(text: str) -> int:
-    from .schema import parse_bytes
+    from .units import parse_bytes
 
     try:
         return parse_bytes(text)
@@ -118,7 +118,7 @@ def _size_argument(text: str) -> int:
 
 
 def _call_settings(args):
-    from .schedule import CallSettings
+    from .prediction.schedule import CallSettings
 
     return CallSettings(height=args.height, width=args.width, steps=args.steps, batch=args.batch,
                         guidance=not args.no_guidance, negative_prompt=args.negative_prompt,
@@ -127,7 +127,7 @@ def _call_settings(args):
 
 def _is_model_source(text: str) -> bool:
     """A built-in architecture or a model folder (as opposed to a pipeline class name)."""
-    from .sizing import architecture_names
+    from .prediction.sizing import architecture_names
 
     return text in architecture_names() or Path(text).expanduser().exists()
 
@@ -159,7 +159,7 @@ def main(argv=None) -> int:
 
 
 def _validate(args) -> int:
-    from .loading import load
+    from .policy.loading import load
 
     if args.hardware and not (args.pipeline and _is_model_source(args.pipeline)):
         print("error: --hardware predicts memory, which needs sizes: give --pipeline as a built-in architecture "
@@ -167,7 +167,7 @@ def _validate(args) -> int:
         return 2
     hardware = None
     if args.hardware:
-        from .hardware import load_hardware
+        from .prediction.hardware import load_hardware
 
         try:
             hardware = load_hardware(args.hardware)
@@ -187,7 +187,7 @@ def _validate(args) -> int:
                     continue
             elif args.pipeline:
                 spec = spec or _spec_for(args.pipeline)
-                from .resolve import resolve
+                from .plans.resolve import resolve
 
                 resolve(policy, spec, policy.device)  # names only: the device is not needed
         except OffloadkitError as exc:
@@ -202,8 +202,8 @@ def _validate(args) -> int:
 
 def _hardware_problem(policy, hardware, args) -> str | None:
     """Why the policy's predicted call does not fit the hardware or its own budget, or None."""
-    from .plans import format_bytes
-    from .prediction import predict
+    from .units import format_bytes
+    from .prediction.replay import predict
 
     prediction = predict(args.pipeline, policy, hardware=hardware, settings=_call_settings(args))
     stages = ", ".join(f"{s.stage} {format_bytes(s.device_peak_bytes)}" for s in prediction.stages)
@@ -223,21 +223,21 @@ def _hardware_problem(policy, hardware, args) -> str | None:
 def _spec_for(pipeline: str):
     """Names of a pipeline class, or sizes too for an architecture or a model folder."""
     if _is_model_source(pipeline):
-        from .sizing import spec_from_folder
+        from .prediction.sizing import spec_from_folder
 
         return spec_from_folder(pipeline, dtype="fp16")  # as `plan` sizes them by default
     return _class_spec(pipeline)
 
 
 def _class_spec(class_name: str):
-    from .pipeline_spec import spec_from_class
+    from .plans.pipeline_spec import spec_from_class
 
     return spec_from_class(class_name)
 
 
 def _explain(args) -> int:
-    from .loading import load
-    from .resolve import resolve
+    from .policy.loading import load
+    from .plans.resolve import resolve
 
     policy = load(args.policy)
     spec = _spec_for(args.pipeline)  # an architecture or model folder also gives sizes
@@ -249,7 +249,7 @@ def _explain(args) -> int:
 
 
 def _plan(args) -> int:
-    from .prediction import predict
+    from .prediction.replay import predict
 
     prediction = predict(args.pipeline, args.policy, hardware=args.hardware, settings=_call_settings(args),
                          device=args.device)
@@ -258,7 +258,7 @@ def _plan(args) -> int:
 
 
 def _synthesize(args) -> int:
-    from .synthesis import synthesize
+    from .prediction.synthesis import synthesize
 
     if args.hardware is None and args.vram is None:
         print("error: synthesize needs a memory limit: --hardware PROFILE and/or --vram SIZE", file=sys.stderr)
@@ -273,13 +273,16 @@ def _synthesize(args) -> int:
         print(result.text, end="")
         return 0
     result.write(args.output, overwrite=args.force)
+    from .units import format_bytes
+
     print(f"wrote {args.output}: {result.prediction.policy}, predicted peak "
-          f"{_size(result.prediction.device_peak_bytes)} within {_size(result.limit_bytes)}")
+          f"{format_bytes(result.prediction.device_peak_bytes)} within {format_bytes(result.limit_bytes)}")
     return 0
 
 
 def _calibrate(args) -> int:
-    from .hardware import calibrate, dump_hardware_yaml
+    from .prediction.calibrate import calibrate
+    from .prediction.hardware import dump_hardware_yaml
 
     if args.output is not None and args.output.exists() and not args.force:
         print(f"error: {args.output} exists; it was left as it is. Choose another --output or add --force",
@@ -301,14 +304,8 @@ def _calibrate(args) -> int:
     return 0
 
 
-def _size(count: int) -> str:
-    from .plans import format_bytes
-
-    return format_bytes(count)
-
-
 def _schema(args) -> int:
-    from .schema import json_schema_text
+    from .policy.schema import json_schema_text
 
     text = json_schema_text()
     path: Path = args.output
@@ -338,11 +335,11 @@ def _schema(args) -> int:
 
 
 def _list(args) -> int:
-    from .loading import builtin_policies, load
+    from .policy.loading import builtin_policies, load
 
-    from .compatibility import format_capabilities
-    from .hardware import hardware_names, load_hardware
-    from .sizing import architecture_names, read_model_index
+    from .policy.capabilities import format_capabilities
+    from .prediction.hardware import hardware_names, load_hardware
+    from .prediction.sizing import architecture_names, read_model_index
 
     print("policies (POLICY):")
     for name in builtin_policies():

@@ -14,7 +14,7 @@ def run_demo(device: str = "cpu", policy: str = "diffusers-default", pipeline: s
 
     import offloadkit
     from offloadkit import testing
-    from offloadkit.device import resolve_device
+    from offloadkit.accelerator import resolve_device
 
     target = resolve_device(device)
     pipe = testing.tiny_pipeline(pipeline)

@@ -1,20 +1,67 @@
-"""Turning `auto`, `cuda`, `cpu` into a full `torch.device(type, index)` that exists."""
+"""Device names: the one vocabulary of device types, and the typed value a device string is parsed into. No torch.
+
+A device is written as a string at the entry points (`device:` in a policy,
+`apply(device=...)`, `--device`) and parsed once into a `Device`, which is a `str`
+(so plans print and compare as before) that knows its `type` and `index`.
+What exists on this machine is `offloadkit.accelerator`'s business.
+
+Example::
+
+    Device.parse("cuda")        # Device('cuda:0'): .type 'cuda', .index 0
+    Device.parse("auto").is_auto
+"""
 
 from __future__ import annotations
 
 from .errors import DeviceError
 
+# The device types torch names; `cpu` first. A policy may name any of them with an index.
+DEVICE_TYPES = ("cpu", "cuda", "xpu", "mps", "npu", "mlu", "hpu", "musa", "privateuseone")
+# `auto` or a device type with an optional index, checked without torch (the policy schema uses it).
+DEVICE_PATTERN = rf"^(auto|{'|'.join(DEVICE_TYPES)})(:[0-9]+)?$"
+AUTO = "auto"
 
-def detect_accelerator() -> str | None:
-    """The accelerator type diffusers would pick (`cuda`, `xpu`, `mps`, ...), or None."""
-    import torch
 
-    accelerator = getattr(torch, "accelerator", None)
-    if accelerator is not None and accelerator.is_available():
-        return accelerator.current_accelerator().type
-    if torch.cuda.is_available():
-        return "cuda"
-    return None
+class Device(str):
+    """A device with its index (`cuda:0`, `cpu:0`), or `auto` (the accelerator, decided where the plan runs)."""
+
+    __slots__ = ()
+
+    @classmethod
+    def parse(cls, text) -> "Device":
+        """`cuda` -> `cuda:0`; `auto` stays `auto`; anything else is a `DeviceError`. Does not look at this machine."""
+        if isinstance(text, cls):
+            return text
+        text = str(text)
+        kind, _, index = text.partition(":")
+        if text != AUTO and (kind not in DEVICE_TYPES or (index and not index.isdigit())
+                             or (":" in text and not index)):
+            raise DeviceError(f"invalid device {text!r}. Use 'auto', 'cpu', or an accelerator such as 'cuda' or "
+                              "'cuda:1'")
+        if kind == AUTO and index:
+            raise DeviceError(f"invalid device {text!r}. Use 'auto', 'cpu', or an accelerator such as 'cuda' or "
+                              "'cuda:1'")
+        return cls(text if text == AUTO else f"{kind}:{int(index or 0)}")
+
+    @property
+    def is_auto(self) -> bool:
+        return str.__eq__(self, AUTO)
+
+    @property
+    def type(self) -> str | None:
+        """`cuda`, `cpu`, ...; None for `auto`."""
+        return None if self.is_auto else self.partition(":")[0]
+
+    @property
+    def index(self) -> int | None:
+        return None if self.is_auto else int(self.partition(":")[2])
+
+    @property
+    def is_cpu(self) -> bool:
+        return self.type == "cpu"
+
+    def __repr__(self) -> str:
+        return f"Device({str(self)!r})"
 
 
 def device_label(text: str) -> str:
@@ -22,73 +69,4 @@ def device_label(text: str) -> str:
 
     ``device_label("cuda") -> "cuda:0"``; ``auto`` stays ``auto``.
     """
-    import re
-
-    from .schema import DEVICE_PATTERN
-
-    if not re.match(DEVICE_PATTERN, text):
-        raise DeviceError(f"invalid device {text!r}. Use 'auto', 'cpu', or an accelerator such as 'cuda' or 'cuda:1'")
-    if text == "auto" or ":" in text:
-        return text
-    return f"{text}:0"
-
-
-def resolve_device(requested) -> "torch.device":
-    """A full device with its index. `auto` means the accelerator and fails clearly without one.
-
-    Example: ``resolve_device("cuda") -> torch.device("cuda:0")``; ``resolve_device("cpu") -> cpu:0``.
-    """
-    import torch
-
-    text = str(requested)
-    if text == "auto":
-        kind = detect_accelerator()
-        if kind is None:
-            raise DeviceError("`device: auto` found no accelerator (no CUDA, XPU or MPS device). "
-                              "Pass device='cpu' to offloadkit.apply/plan, or set `device:` in the policy")
-        device = torch.device(kind)
-    else:
-        try:
-            device = torch.device(text)
-        except (RuntimeError, TypeError) as exc:
-            raise DeviceError(f"invalid device {text!r} ({exc}). Use 'cpu', 'cuda' or 'cuda:1'") from None
-    if device.type == "cpu":
-        if device.index not in (None, 0):
-            raise DeviceError(f"invalid device {text!r}: the CPU has only index 0. Use 'cpu'")
-        return torch.device("cpu", 0)
-    module = getattr(torch, device.type, None)
-    is_available = getattr(module, "is_available", None)
-    if is_available is None or not is_available():
-        raise DeviceError(f"device {text!r} is not available on this machine. Use 'cpu' or an accelerator "
-                          "that torch can see")
-    index = device.index
-    if index is None:
-        current = getattr(module, "current_device", None)
-        index = current() if current is not None else 0
-    count = getattr(module, "device_count", lambda: 1)()
-    if index >= count:
-        raise DeviceError(f"device {text!r} does not exist: this machine has {count} {device.type} device(s), "
-                          f"indices 0 to {count - 1}")
-    return torch.device(device.type, index)
-
-
-def module_device(module):
-    """Device of a module's first parameter (or buffer); None for a module without tensors."""
-    for tensor in module.parameters():
-        return tensor.device
-    for tensor in module.buffers():
-        return tensor.device
-    return None
-
-
-def same_device(a, b) -> bool:
-    """`cpu` and `cpu:0` (and `cuda` and `cuda:0`) name the same place."""
-    return a.type == b.type and (a.index or 0) == (b.index or 0)
-
-
-def empty_cache(device) -> None:
-    import torch
-
-    module = getattr(torch, device.type, None)
-    if device.type != "cpu" and module is not None and hasattr(module, "empty_cache"):
-        module.empty_cache()
+    return Device.parse(text)

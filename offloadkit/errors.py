@@ -38,10 +38,10 @@ class Problem:
         return f"{where}: {self.message}"
 
 
-class PolicyError(OffloadkitError, ValueError):
-    """A policy is invalid: unreadable YAML, schema violations, or names that do not fit the pipeline.
+class LocatedError(OffloadkitError, ValueError):
+    """A YAML document is invalid; every problem found in one pass is kept in `problems`, located.
 
-    All problems found in one pass are kept in `problems` and shown together.
+    The base of `PolicyError` and `HardwareError`: both documents are read by the same machinery.
     """
 
     def __init__(self, problems: Sequence[Problem] | Problem | str):
@@ -53,12 +53,39 @@ class PolicyError(OffloadkitError, ValueError):
         super().__init__("\n".join(str(p) for p in self.problems))
 
 
-class HardwareError(PolicyError):
+class PolicyError(LocatedError):
+    """A policy is invalid: unreadable YAML, schema violations, or names that do not fit the pipeline."""
+
+
+class HardwareError(LocatedError):
     """A hardware profile is invalid or could not be read, each problem located like a policy's."""
 
 
 class PipelineError(OffloadkitError, ValueError):
     """The pipeline cannot take a policy as it is (device map, group offloading, foreign hooks, ...)."""
+
+
+class UnknownComponentError(OffloadkitError, KeyError):
+    """A plan or prediction was asked for a component (or stage) it does not have."""
+
+    def __str__(self) -> str:  # KeyError would show the message quoted
+        return str(self.args[0]) if self.args else ""
+
+
+class ModelSourceError(OffloadkitError, ValueError):
+    """A model folder, built-in architecture or model config cannot be read, built or estimated by the planner."""
+
+
+class DtypeError(OffloadkitError, ValueError):
+    """A dtype name offloadkit does not know (`fp16`, `bf16`, `fp32`, ... are known)."""
+
+
+class CallSettingsError(OffloadkitError, ValueError):
+    """The settings of a predicted call are impossible (a size or batch that is not positive)."""
+
+
+class SynthesisError(OffloadkitError, ValueError):
+    """No policy fits the memory limit, or the request cannot be planned."""
 
 
 class BudgetExceededError(OffloadkitError, RuntimeError):

@@ -70,7 +70,7 @@ def golden_predictions(architecture: str) -> dict:
     A policy that does not apply (it names a component the pipeline lacks) is recorded with its error.
     """
     import offloadkit
-    from offloadkit.prediction import predict
+    from offloadkit.prediction.replay import predict
 
     found = {}
     for policy in offloadkit.builtin_policies():

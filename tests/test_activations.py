@@ -5,16 +5,16 @@ from __future__ import annotations
 import pytest
 import torch
 
-from offloadkit.activation_measurement import example_forward, measure_peak
-from offloadkit.activations import (
+from offloadkit.prediction.activation_measurement import example_forward, measure_peak
+from offloadkit.prediction.activations import (
     CUDA_RUNTIME_OVERHEAD,
     TOLERANCE,
     component_working_memory,
     stage_working_memory,
     working_memory,
 )
-from offloadkit.errors import PipelineError
-from offloadkit.sizing import architecture_names, build_component
+from offloadkit.errors import DtypeError, ModelSourceError
+from offloadkit.prediction.sizing import architecture_names, build_component
 from offloadkit.testing import tiny_pipeline
 
 GiB, MiB = 2**30, 2**20
@@ -105,11 +105,11 @@ def test_guidance_doubles_only_where_the_pipeline_batches_it(meta_models):
 
 
 def test_role_and_class_errors(meta_models):
-    with pytest.raises(PipelineError, match="decode"):
+    with pytest.raises(ModelSourceError, match="decode"):
         working_memory(meta_models["vae"], role="denoise", height=64, width=64)
-    with pytest.raises(PipelineError, match="no working-memory formula for 'UNet3DConditionModel'"):
+    with pytest.raises(ModelSourceError, match="no working-memory formula for 'UNet3DConditionModel'"):
         working_memory(("UNet3DConditionModel", {}), role="denoise", height=64, width=64)
-    with pytest.raises(PipelineError, match="Linear has no config"):
+    with pytest.raises(ModelSourceError, match="Linear has no config"):
         working_memory(torch.nn.Linear(2, 2), role="encode", height=64, width=64)
 
 

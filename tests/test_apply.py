@@ -62,7 +62,7 @@ def test_apply_again_replaces_the_policy():
     assert not first.active and second.active
     assert pipe._offloadkit_handle is second
     assert not hasattr(pipe.vae, "_hf_hook")
-    assert pipe.unet._hf_hook is second._hooks["unet"]
+    assert pipe.unet._hf_hook is second.hook("unet")
     assert type(pipe).__mro__[1].__name__ == "StableDiffusionXLPipeline"  # subclassed once, not twice
     assert_same_images(run(pipe), reference)
     second.remove()
@@ -123,7 +123,7 @@ def test_exception_mid_call_leaves_the_pipeline_usable():
     assert not any(state.resident for state in handle._states.values())
     failed = handle.trace.for_call(1)
     assert ("unet", "offload") in [(e.component, e.action) for e in failed]
-    assert pipe.unet._hf_hook is handle._hooks["unet"]
+    assert pipe.unet._hf_hook is handle.hook("unet")
     assert_same_images(run(pipe), reference)
     assert_same_images(run(pipe), reference)
 
@@ -255,7 +255,7 @@ def test_diffusers_model_offload_is_replaced():
     pipe.enable_model_cpu_offload(device="cpu")
     handle = offloadkit.apply(pipe, "diffusers-default", device="cpu")
     assert pipe._all_hooks == []
-    assert pipe.unet._hf_hook is handle._hooks["unet"]
+    assert pipe.unet._hf_hook is handle.hook("unet")
     assert_same_images(run(pipe), reference)
 
 
@@ -292,14 +292,14 @@ def test_loader_style_hook_removal_puts_the_policy_back():
     for module in model_components(pipe).values():
         remove_hook_from_module(module)
     pipe.enable_model_cpu_offload()
-    assert pipe.unet._hf_hook is handle._hooks["unet"]
+    assert pipe.unet._hf_hook is handle.hook("unet")
     assert not hasattr(pipe.vae, "_hf_hook")
     assert_same_images(run(pipe), reference)
 
 
 def test_parameterless_module_gets_a_working_hook():
-    from offloadkit.hooks import ChainOffloadHook, ComponentState
-    from offloadkit.trace import Trace
+    from offloadkit.runtime.strategies.model import ChainOffloadHook, ComponentState
+    from offloadkit.runtime.trace import Trace
     from accelerate.hooks import add_hook_to_module
 
     class Scale(torch.nn.Module):
@@ -308,7 +308,7 @@ def test_parameterless_module_gets_a_working_hook():
 
     module = Scale()
     trace = Trace()
-    add_hook_to_module(module, ChainOffloadHook(torch.device("cpu", 0), None, ComponentState("scale", 0, trace)))
+    add_hook_to_module(module, ChainOffloadHook(torch.device("cpu", 0), None, ComponentState("scale", "denoise", 0, trace)))
     assert torch.equal(module(torch.ones(2)), torch.full((2,), 2.0))
     assert [(e.component, e.action) for e in trace] == [("scale", "onload")]
 
@@ -330,7 +330,7 @@ def test_pipe_to_device_under_a_policy_is_refused_but_dtype_is_allowed():
         with pytest.raises(PipelineError, match="pipe.to\\(device\\) would silently undo it"):
             call()
     assert pipe.to(torch.float32) is pipe
-    assert pipe.unet._hf_hook is pipe._offloadkit_handle._hooks["unet"]
+    assert pipe.unet._hf_hook is pipe._offloadkit_handle.hook("unet")
     offloadkit.remove(pipe)
     assert pipe.to("cpu") is pipe
 
@@ -340,7 +340,7 @@ def test_textual_inversion_keeps_the_model_policy():
     pipe = tiny_pipeline("sd")
     handle = offloadkit.apply(pipe, "vae-resident", device="cpu")
     pipe.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
-    assert pipe.text_encoder._hf_hook is handle._hooks["text_encoder"]
+    assert pipe.text_encoder._hf_hook is handle.hook("text_encoder")
     assert not hasattr(pipe.vae, "_hf_hook")
     assert_same_images(run(pipe, prompt="a <cat>"), expected)
 
@@ -361,7 +361,7 @@ def test_reinstall_plans_components_a_loader_added():
     pipe.register_modules(image_encoder=encoder)
     pipe.enable_model_cpu_offload()
     assert handle.plan.sequence == ("text_encoder", "image_encoder", "unet", "vae")
-    assert pipe.image_encoder._hf_hook is handle._hooks["image_encoder"]
+    assert pipe.image_encoder._hf_hook is handle.hook("image_encoder")
     assert pipe.unet._hf_hook.prev_module_hook.model is encoder
 
 

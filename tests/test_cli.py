@@ -134,9 +134,9 @@ def test_explain_unknown_pipeline_class(capsys):
 def test_explain_works_for_every_diffusers_pipeline_with_an_offload_sequence():
     import diffusers
 
-    from offloadkit.loading import load
-    from offloadkit.pipeline_spec import spec_from_class
-    from offloadkit.resolve import resolve
+    from offloadkit.policy.loading import load
+    from offloadkit.plans.pipeline_spec import spec_from_class
+    from offloadkit.plans.resolve import resolve
 
     policy = load("diffusers-default")
     checked = 0
@@ -261,7 +261,7 @@ def test_synthesize_writes_a_policy_and_never_overwrites(tmp_path, capsys):
 
 
 def test_calibrate_writes_a_profile_that_loads(tmp_path, capsys):
-    from offloadkit.hardware import load_hardware
+    from offloadkit.prediction.hardware import load_hardware
 
     out = tmp_path / "hw.yaml"
     assert main(["calibrate", "--device", "cpu", "--quick", "--folder", str(tmp_path), "-o", str(out)]) == 0

@@ -4,13 +4,13 @@ import pytest
 import torch
 
 import offloadkit
-from offloadkit.strategies import STRATEGIES
+from offloadkit.policy.rules import strategy_names
 from offloadkit.testing import tiny_pipeline
 
 from helpers import run
 
 
-RULES = [{"strategy": name} for name in sorted(STRATEGIES)] + [
+RULES = [{"strategy": name} for name in strategy_names()] + [
     {"strategy": "model", "transfer": "copy-free"},
     {"strategy": "model", "keep_on_device": True},
 ]

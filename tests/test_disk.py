@@ -5,7 +5,7 @@ import os
 import torch
 
 import offloadkit
-from offloadkit.disk_store import fingerprint
+from offloadkit.runtime.disk_store import fingerprint
 from offloadkit.testing import tiny_pipeline, tiny_sd3_pipeline
 
 from helpers import assert_same_images, hooked_submodules, model_components, run
@@ -89,7 +89,7 @@ def test_files_are_standard_safetensors_with_page_aligned_tensors(tmp_path):
 
     from safetensors.torch import load_file
 
-    from offloadkit.disk_store import PAD_PREFIX, store
+    from offloadkit.runtime.disk_store import PAD_PREFIX, store
 
     torch.manual_seed(0)
     tensors = {"a.weight": torch.randn(3, 5), "b.bias": torch.randn(7), "c.half": torch.randn(4).half(),
@@ -110,7 +110,7 @@ def test_files_are_standard_safetensors_with_page_aligned_tensors(tmp_path):
 
 
 def test_block_granularity_streams_whole_blocks_with_fewer_hooks():
-    from offloadkit.streaming import offloading_modules
+    from offloadkit.runtime.streaming import offloading_modules
 
     reference_pipe = tiny_pipeline("sdxl")
     reference = run(reference_pipe)

@@ -149,12 +149,13 @@ QUANT_CUDA_RULES = {
 @pytest.mark.parametrize("rule_name", QUANT_CUDA_RULES)
 def test_quantized_unet_under_each_allowed_strategy_on_cuda(backend, rule_name):
     """What the capability table allows runs on CUDA and gives the outputs of the quantized pipeline on CUDA."""
-    from offloadkit.compatibility import limit_for
+    from offloadkit.plans.library_gates import limit_for
+    from offloadkit.policy.rules import RULES as RULE_CLASSES
 
     from quantized import quantize
 
     rule = QUANT_CUDA_RULES[rule_name]
-    if limit_for(backend, rule["strategy"], {k: v for k, v in rule.items() if k != "strategy"}) is not None:
+    if limit_for(backend, RULE_CLASSES[rule["strategy"]].model_validate(rule)) is not None:
         pytest.skip("refused by the capability table (tested on CPU)")
     reference_pipe = tiny_pipeline("sd")
     quantize(reference_pipe.unet, backend, device="cuda")
@@ -200,7 +201,7 @@ def test_quanto_with_diffusers_group_offloading_fails_on_cuda_as_the_table_says(
 ])
 def test_refused_pairs_that_need_an_accelerator_do_fail_on_cuda(backend, rule, monkeypatch):
     """The table's limits seen only in the libraries' source: forced past the table, they must misbehave here."""
-    import offloadkit.compatibility
+    import offloadkit.policy.capabilities
 
     from quantized import quantize
 
@@ -212,7 +213,7 @@ def test_refused_pairs_that_need_an_accelerator_do_fail_on_cuda(backend, rule, m
     at_rest = allocated_at_rest()
     pipe = tiny_pipeline("sd")
     quantize(pipe.unet, backend, device="cuda")
-    monkeypatch.setattr(offloadkit.compatibility, "LIMITS", ())  # forced past the table
+    monkeypatch.setattr(offloadkit.policy.capabilities, "LIMITS", ())  # forced past the table
     offloadkit.apply(pipe, {"version": 1, "components": {"unet": rule}}, device="cuda")
     try:
         with torch.no_grad():

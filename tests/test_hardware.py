@@ -10,17 +10,16 @@ import pytest
 import yaml
 
 from offloadkit import DeviceError, HardwareError, PolicyError
-from offloadkit.hardware import (
+from offloadkit.prediction.calibrate import calibrate
+from offloadkit.prediction.hardware import (
     HardwareProfile,
     Measurement,
-    calibrate,
     dump_hardware_yaml,
     hardware_json_schema,
     hardware_names,
     load_hardware,
-    parse_bandwidth,
-    parse_compute,
 )
+from offloadkit.units import parse_bandwidth, parse_compute
 
 FIXTURES = Path(__file__).parent / "fixtures"
 INVALID = sorted((FIXTURES / "hardware").glob("*.yaml"))
@@ -105,11 +104,18 @@ def test_all_problems_of_a_file_are_reported_at_once():
                                                                   "h2d_pinned"]
 
 
-def test_hardware_error_is_a_policy_error_and_a_value_error():
-    with pytest.raises(PolicyError):
+def test_hardware_error_is_a_value_error_and_not_a_policy_error():
+    with pytest.raises(HardwareError) as info:
         load_hardware({**MINIMAL, "device": "gpu"})
-    with pytest.raises(ValueError):
-        load_hardware({**MINIMAL, "device": "gpu"})
+    assert isinstance(info.value, ValueError) and not isinstance(info.value, PolicyError)
+
+def test_the_shared_yaml_reader_raises_the_profiles_own_error(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("version: 1\nname: [unclosed\n")
+    for source in (bad, "no-such-profile"):
+        with pytest.raises(HardwareError) as info:
+            load_hardware(source)
+        assert not isinstance(info.value, PolicyError)
 
 
 def test_dict_errors_name_the_path():
@@ -165,7 +171,7 @@ def test_compute_units(text, expected):
 
 
 def test_loading_does_not_import_torch():
-    code = ("import sys, offloadkit.hardware as h\n"
+    code = ("import sys, offloadkit.prediction.hardware as h\n"
             "h.load_hardware('rtx-4090-24gb'); h.hardware_json_schema(); h.dump_hardware_yaml(h.load_hardware('l4-24gb'))\n"
             "assert 'torch' not in sys.modules, 'torch was imported'\n")
     subprocess.run([sys.executable, "-c", code], check=True)

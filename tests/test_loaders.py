@@ -42,7 +42,7 @@ def test_load_lora_keeps_the_policy(policy, lora_folder, expected):
     handle = offloadkit.apply(pipe, policy, device="cpu")
     hooks_before = set(handle._hooks)
     pipe.load_lora_weights(lora_folder)
-    assert handle.active and handle._hooks_intact() and set(handle._hooks) == hooks_before
+    assert handle.active and handle.hooks_intact() and set(handle._hooks) == hooks_before
     assert_same_images(run(pipe), expected)
     assert_same_images(run(pipe), expected)
 
@@ -56,7 +56,7 @@ def test_fuse_and_unload_lora_under_model_offload(lora_folder, expected):
     assert abs(fused - expected).max() < 1e-5
     pipe.unload_lora_weights()  # fused weights stay fused, as in diffusers
     assert abs(run(pipe) - expected).max() < 1e-5
-    assert handle._hooks_intact()
+    assert handle.hooks_intact()
 
 
 def test_fuse_lora_on_meta_weights_is_refused(lora_folder):
@@ -76,7 +76,7 @@ def test_lora_then_storage_dtype_equals_diffusers_and_lora_after_is_refused(lora
     policy = {"version": 1, "components": {"unet": {"strategy": "group", "storage_dtype": "float8_e4m3fn"}}}
     plan = offloadkit.plan(ours, policy, device="cpu")
     offloadkit.apply(ours, policy, device="cpu")
-    from offloadkit.storage import module_bytes
+    from offloadkit.tensor_bytes import module_bytes
 
     assert plan.component("unet").bytes == module_bytes(ours.unet) == module_bytes(theirs.unet)
     assert_same_images(run(ours), run(theirs))

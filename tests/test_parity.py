@@ -44,7 +44,7 @@ def test_bnb_8bit_rule_matches_diffusers_on_old_stacks(monkeypatch):
     """diffusers skips 8-bit bitsandbytes models when its libraries cannot move them; so does `auto`."""
     import diffusers.pipelines.pipeline_utils as pipeline_utils
 
-    import offloadkit.compatibility
+    import offloadkit.plans.library_gates
 
     def mark_8bit(pipe):
         # What bitsandbytes' loader sets; on old stacks such a model refuses `.to()`, so make it a no-op.
@@ -55,7 +55,7 @@ def test_bnb_8bit_rule_matches_diffusers_on_old_stacks(monkeypatch):
         return pipe
 
     monkeypatch.setattr(pipeline_utils, "is_bitsandbytes_version", lambda *a: True)
-    monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: False)
+    monkeypatch.setattr(offloadkit.plans.library_gates, "bnb_8bit_movable", lambda: False)
     ours = mark_8bit(tiny_pipeline("sdxl"))
     handle = offloadkit.apply(ours, "diffusers-default", device="cpu")
     theirs = mark_8bit(tiny_pipeline("sdxl"))
@@ -67,7 +67,7 @@ def test_bnb_8bit_rule_matches_diffusers_on_old_stacks(monkeypatch):
     assert_same_images(run(ours), run(theirs))
 
     # Where the libraries can move 8-bit weights, diffusers offloads them and so does `auto`.
-    monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: True)
+    monkeypatch.setattr(offloadkit.plans.library_gates, "bnb_8bit_movable", lambda: True)
     plan = offloadkit.plan(mark_8bit(tiny_pipeline("sdxl")), "diffusers-default", device="cpu")
     assert plan.component("text_encoder_2").strategy == "model"
     assert plan.sequence == ("text_encoder", "text_encoder_2", "unet", "vae")

@@ -6,9 +6,9 @@ from pathlib import Path
 import pytest
 
 import offloadkit
-from offloadkit.prediction import predict
-from offloadkit.schedule import CallSettings, schedule
-from offloadkit.sizing import architecture_names
+from offloadkit.prediction.replay import predict
+from offloadkit.prediction.schedule import CallSettings, schedule
+from offloadkit.prediction.sizing import architecture_names
 from offloadkit.testing import tiny_call_kwargs, tiny_pipeline
 
 from helpers import golden_predictions

@@ -11,11 +11,19 @@ import pytest
 import torch
 
 import offloadkit
-from offloadkit.compatibility import LIMITS, STRATEGY_ORDER, format_capabilities, limit_for
+import offloadkit.runtime.precision
+from offloadkit.plans import library_gates
+from offloadkit.policy.capabilities import LIMITS, format_capabilities
+from offloadkit.policy.rules import RULES as RULE_CLASSES, ModelRule
 from offloadkit.errors import PipelineError, PolicyError
-from offloadkit.pipeline_spec import spec_from_pipeline
-from offloadkit.storage import module_bytes
+from offloadkit.plans.pipeline_spec import spec_from_pipeline
+from offloadkit.tensor_bytes import module_bytes
 from offloadkit.testing import tiny_pipeline
+
+
+def limit_for(backend, strategy, options):
+    """The table's limit for a rule written as a strategy name and options."""
+    return library_gates.limit_for(backend, RULE_CLASSES[strategy].model_validate({"strategy": strategy, **options}))
 
 from helpers import assert_same_images, run
 from quantized import REAL_BACKENDS, mark, needs, quantize
@@ -51,7 +59,7 @@ def _float_bytes(module):
 
 
 def _expected_bytes(module, backend):
-    """Stored bytes, counted per backend from the layers' shapes (independently of offloadkit.storage)."""
+    """Stored bytes, counted per backend from the layers' shapes (independently of offloadkit.tensor_bytes)."""
     total = 0
     for sub in module.modules():
         for name, tensor in list(sub._parameters.items()) + list(sub._buffers.items()):
@@ -85,7 +93,7 @@ def test_each_backend_is_detected_and_sized_as_stored(backend):
     assert unet.bytes == module_bytes(pipe.unet) == _expected_bytes(pipe.unet, backend)
     assert unet.bytes < _float_bytes(tiny_pipeline("sd").unet)
     plan = offloadkit.plan(pipe, {"version": 1}, device="cpu")
-    label = offloadkit.quantization.BACKENDS[backend]
+    label = offloadkit.plans.quantization.BACKENDS[backend]
     assert plan.component("unet").weights.startswith(label)
     assert label in str(plan) and plan.component("unet").bytes == unet.bytes
 
@@ -112,7 +120,7 @@ def test_assigning_param_data_leaves_a_wrapper_subclass_unchanged(backend):
 def test_loader_attributes_alone_are_detected(backend):
     pipe = tiny_pipeline("sd")
     mark(pipe.unet, backend)
-    found = offloadkit.quantization.detect(pipe.unet)
+    found = offloadkit.plans.quantization.detect(pipe.unet)
     assert (found.backend, found.found_by) == (backend, "attributes")
 
 
@@ -129,7 +137,7 @@ def test_allowed_strategies_give_the_outputs_of_the_quantized_pipeline_without_o
         with pytest.raises(PolicyError) as info:
             offloadkit.apply(pipe, policy, device="cpu")
         message = str(info.value)
-        assert "components.unet: 'unet' is " + offloadkit.quantization.BACKENDS[backend] in message
+        assert "components.unet: 'unet' is " + offloadkit.plans.quantization.BACKENDS[backend] in message
         assert f"cannot use strategy {limit.what}" in message and limit.reason in message
         assert "Use " in message and limit.seen in message
         assert not hasattr(pipe, "_offloadkit_handle") and getattr(pipe.unet, "_hf_hook", None) is None
@@ -155,7 +163,7 @@ def test_a_quantized_transformers_text_encoder_streams_too(backend, rule_name):
     rule = RULES[rule_name]
     pipe = tiny_pipeline("sd")
     if backend == "layerwise_casting":  # a transformers model: through offloadkit's own selection
-        offloadkit.precision._cast_layers(pipe.text_encoder, "float8_e4m3fn", "float32")
+        offloadkit.runtime.precision._cast_layers(pipe.text_encoder, "float8_e4m3fn", "float32")
     else:
         quantize(pipe.text_encoder, backend)
     assert spec_from_pipeline(pipe).get("text_encoder").quantization == backend
@@ -167,22 +175,22 @@ def test_a_quantized_transformers_text_encoder_streams_too(backend, rule_name):
     assert_same_images(run(pipe), reference)
 
 
-@pytest.mark.parametrize("limit", LIMITS, ids=lambda lim: f"{lim.backend}-{lim.strategy}-{'-'.join(lim.options)}")
+@pytest.mark.parametrize("limit", LIMITS, ids=lambda lim: f"{lim.backend}-{lim.rule.name}-{'-'.join(lim.options)}")
 def test_every_forbidden_pair_is_refused_on_the_detection_path(limit, monkeypatch):
     """Every row of the table, from the loader's attributes alone (what a GPU-only backend leaves on a model)."""
     gates = {"bnb_8bit": "bnb_8bit_movable", "torchao": "group_offloading_swaps_torchao"}
     if limit.gate:
-        monkeypatch.setattr(offloadkit.compatibility, gates[limit.backend], lambda: False)
+        monkeypatch.setattr(library_gates, gates[limit.backend], lambda: False)
     pipe = tiny_pipeline("sd")
     mark(pipe.unet, limit.backend)
-    rule = {"strategy": limit.strategy, **{k: v[0] for k, v in limit.options.items()}}
+    rule = {"strategy": limit.rule.name, **{k: v[0] for k, v in limit.options.items()}}
     with pytest.raises(PolicyError) as info:
         offloadkit.plan(pipe, {"version": 1, "components": {"unet": rule}}, device="cpu")
     message = str(info.value)
-    assert f"components.unet: 'unet' is {offloadkit.quantization.BACKENDS[limit.backend]}" in message
+    assert f"components.unet: 'unet' is {offloadkit.plans.quantization.BACKENDS[limit.backend]}" in message
     assert f"cannot use strategy {limit.what}" in message and limit.reason in message and "Use " in message
     if limit.gate:  # with libraries that can move the weights, the same rule is fine
-        monkeypatch.setattr(offloadkit.compatibility, gates[limit.backend], lambda: True)
+        monkeypatch.setattr(library_gates, gates[limit.backend], lambda: True)
         assert offloadkit.plan(pipe, {"version": 1, "components": {"unet": rule}}, device="cpu")
 
 
@@ -191,12 +199,13 @@ def test_the_table_covers_every_backend_and_strategy_and_prints():
     for limit in LIMITS:
         assert limit.reason in text
         for instead in limit.instead:  # an alternative is never itself refused for that backend
-            assert instead == limit.strategy or limit_for(limit.backend, instead, {}) is None, (limit, instead)
-    rows = dict(offloadkit.compatibility.capability_rows())
+            assert instead is limit.rule or library_gates.limit_for(limit.backend, instead.default()) is None, \
+                (limit, instead)
+    rows = dict(offloadkit.policy.capabilities.capability_rows())
     assert rows["quanto"]["group"] == "no" and rows["torchao"]["group"].startswith("yes, except with a diffusers")
     assert rows["gguf"]["group"] == "yes" and rows["bnb_8bit"]["group"] == "no"
     assert rows["bnb_4bit"]["model"].startswith("yes, except transfer: copy-free")
-    assert all(set(cells) == set(STRATEGY_ORDER) for cells in rows.values())
+    assert all(list(cells) == list(RULE_CLASSES) for cells in rows.values())
 
 
 # --- per-backend rules in the policy ----------------------------------------------------------------
@@ -254,7 +263,7 @@ def test_a_backend_rule_that_can_never_run_is_refused_when_the_policy_is_loaded(
     # a limit that depends on the installed libraries is checked against the pipeline, at the key
     pipe = tiny_pipeline("sd")
     mark(pipe.unet, "bnb_8bit")
-    import offloadkit.compatibility as compatibility
+    import offloadkit.plans.library_gates as compatibility
 
     policy = offloadkit.load({"version": 1, "quantization": {"bnb_8bit": {"strategy": "model"}}})
     original = compatibility.bnb_8bit_movable
@@ -270,7 +279,7 @@ def test_a_backend_rule_that_can_never_run_is_refused_when_the_policy_is_loaded(
 def test_bnb_8bit_auto_keeps_it_in_place_on_old_stacks(monkeypatch):
     pipe = tiny_pipeline("sd")
     mark(pipe.unet, "bnb_8bit")
-    monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: False)
+    monkeypatch.setattr(offloadkit.plans.library_gates, "bnb_8bit_movable", lambda: False)
     plan = offloadkit.plan(pipe, {"version": 1}, device="cpu")
     assert plan.component("unet").strategy == "skip"
     with pytest.raises(PolicyError, match="With transformers < 4.58.0 or bitsandbytes < 0.48.0"):
@@ -375,7 +384,7 @@ def test_precision_options_are_validated(bad, message):
 
 
 def test_a_missing_quantize_backend_is_named(monkeypatch):
-    import offloadkit.precision as precision
+    import offloadkit.plans.precision as precision
 
     monkeypatch.setattr(precision, "_installed", lambda backend: False)
     with pytest.raises(PolicyError, match="torchao is not installed \\(pip install torchao\\); optimum-quanto is "
@@ -384,8 +393,8 @@ def test_a_missing_quantize_backend_is_named(monkeypatch):
                                                                                     "quantize": "int8"}}},
                         device="cpu")
     # validating against a pipeline class (CI, no weights) does not need the packages: applying does
-    from offloadkit.pipeline_spec import spec_from_class
-    from offloadkit.resolve import resolve
+    from offloadkit.plans.pipeline_spec import spec_from_class
+    from offloadkit.plans.resolve import resolve
 
     plan = resolve(offloadkit.load({"version": 1, "components": {"unet": {"strategy": "model", "quantize": "int8"}}}),
                    spec_from_class("StableDiffusionPipeline"), "cuda:0")
@@ -394,9 +403,11 @@ def test_a_missing_quantize_backend_is_named(monkeypatch):
 
 def test_apply_refuses_a_different_storage_dtype_than_the_one_already_applied():
     pipe = tiny_pipeline("sd")
-    offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e5m2"})
+    offloadkit.runtime.precision.apply_precision("unet", pipe.unet, ModelRule(strategy="model",
+                                                                             storage_dtype="float8_e5m2"))
     with pytest.raises(PipelineError, match="already layerwise casting \\(stored as float8_e5m2\\)"):
-        offloadkit.precision.apply_precision("unet", pipe.unet, {"storage_dtype": "float8_e4m3fn"})
+        offloadkit.runtime.precision.apply_precision("unet", pipe.unet, ModelRule(strategy="model",
+                                                                                 storage_dtype="float8_e4m3fn"))
 
 
 def test_a_policy_that_quantized_a_model_resolves_the_same_when_applied_again():
@@ -436,7 +447,7 @@ def test_a_wildcard_precision_change_skips_models_already_quantized_and_says_so(
 
 
 def test_auto_falls_back_to_a_strategy_the_backend_can_run_or_keeps_it_in_place(monkeypatch):
-    monkeypatch.setattr(offloadkit.compatibility, "bnb_8bit_movable", lambda: False)
+    monkeypatch.setattr(offloadkit.plans.library_gates, "bnb_8bit_movable", lambda: False)
     pipe = tiny_pipeline("sd")
     mark(pipe.unet, "bnb_8bit")
     for strategy in ("sequential", "disk"):  # their alternatives (model, group) cannot move it either
@@ -480,7 +491,7 @@ def test_storage_dtype_on_an_upcast_vae_of_a_float16_pipeline_is_refused():
 
 
 def test_quantize_picks_a_backend_that_runs_on_the_device(monkeypatch):
-    from offloadkit.resolve import resolve
+    from offloadkit.plans.resolve import resolve
 
     spec = spec_from_pipeline(tiny_pipeline("sd"))
 
@@ -495,7 +506,7 @@ def test_quantize_picks_a_backend_that_runs_on_the_device(monkeypatch):
     with pytest.raises(PolicyError, match="for strategy 'model': quanto does not run on mps: quanto's int8 "
                                           "matmul .*has no MPS kernel"):
         backend_on("mps:0", quantize_with="quanto")
-    monkeypatch.setattr(offloadkit.precision, "_installed", lambda backend: backend == "quanto")
+    monkeypatch.setattr(offloadkit.plans.precision, "_installed", lambda backend: backend == "quanto")
     assert backend_on("cuda:0") == "quanto"
     with pytest.raises(PolicyError, match="torchao is not installed .*; quanto does not run on mps"):
         backend_on("mps:0")

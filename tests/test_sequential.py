@@ -114,7 +114,7 @@ def test_textual_inversion_keeps_the_sequential_policy():
     pipe = tiny_pipeline("sd")
     handle = offloadkit.apply(pipe, "sequential", device="cpu")
     pipe.load_textual_inversion({"<cat>": embedding.clone()}, token="<cat>")
-    assert handle.active and handle._hooks_intact()
+    assert handle.active and handle.hooks_intact()
     assert all(p.device.type == "meta" for p in pipe.unet.parameters())
     assert_same_images(run(pipe, prompt="a <cat>"), expected)
     handle.remove()

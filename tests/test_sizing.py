@@ -7,9 +7,9 @@ import json
 import pytest
 import torch
 
-from offloadkit import sizing
-from offloadkit.errors import PipelineError
-from offloadkit.pipeline_spec import module_bytes
+from offloadkit.prediction import sizing
+from offloadkit.errors import DtypeError, ModelSourceError
+from offloadkit.plans.pipeline_spec import module_bytes
 
 # Parameter counts per component. "public": the widely published figure for the model;
 # "build": what the meta build from the shipped config gives (a regression guard, with
@@ -185,7 +185,7 @@ def test_groups_match_diffusers_group_offloading():
 
 def test_spec_from_folder_feeds_the_resolver(tiny_sdxl, tmp_path):
     import offloadkit
-    from offloadkit.resolve import resolve
+    from offloadkit.plans.resolve import resolve
 
     folder = _save_folder(tiny_sdxl, tmp_path)
     spec = sizing.spec_from_folder(folder)
@@ -201,7 +201,7 @@ def test_spec_from_folder_feeds_the_resolver(tiny_sdxl, tmp_path):
 
 
 def test_dtype_on_a_loaded_pipeline_is_refused(tiny_sdxl):
-    with pytest.raises(PipelineError, match="loaded pipeline"):
+    with pytest.raises(ModelSourceError, match="loaded pipeline"):
         sizing.pipeline_sizes(tiny_sdxl, dtype="fp16")
 
 
@@ -209,12 +209,12 @@ def test_dtype_on_a_loaded_pipeline_is_refused(tiny_sdxl):
 
 
 def test_unknown_name_suggests_the_closest():
-    with pytest.raises(PipelineError, match="Did you mean 'sdxl'"):
+    with pytest.raises(ModelSourceError, match="Did you mean 'sdxl'"):
         sizing.pipeline_sizes("sdxll")
 
 
 def test_folder_without_model_index(tmp_path):
-    with pytest.raises(PipelineError) as info:
+    with pytest.raises(ModelSourceError) as info:
         sizing.pipeline_sizes(tmp_path)
     assert "model_index.json not found" in str(info.value) and str(tmp_path) in str(info.value)
 
@@ -222,7 +222,7 @@ def test_folder_without_model_index(tmp_path):
 def test_unknown_class(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusionPipeline", "unet": ["diffusers", "UNet2DConditionModle"]}))
-    with pytest.raises(PipelineError) as info:
+    with pytest.raises(ModelSourceError) as info:
         sizing.pipeline_sizes(tmp_path)
     message = str(info.value)
     assert "model_index.json" in message and "'UNet2DConditionModle'" in message
@@ -231,14 +231,14 @@ def test_unknown_class(tmp_path):
 
 def test_broken_json_names_file_and_position(tmp_path):
     (tmp_path / "model_index.json").write_text('{"_class_name": "StableDiffusionPipeline",\n "unet": [}')
-    with pytest.raises(PipelineError, match=r"model_index\.json:2:\d+: not valid JSON"):
+    with pytest.raises(ModelSourceError, match=r"model_index\.json:2:\d+: not valid JSON"):
         sizing.pipeline_sizes(tmp_path)
 
 
 def test_missing_component_config(tmp_path):
     (tmp_path / "model_index.json").write_text(json.dumps(
         {"_class_name": "StableDiffusionPipeline", "vae": ["diffusers", "AutoencoderKL"]}))
-    with pytest.raises(PipelineError, match=r"vae[/\\]config\.json not found"):
+    with pytest.raises(ModelSourceError, match=r"vae[/\\]config\.json not found"):
         sizing.pipeline_sizes(tmp_path)
 
 
@@ -248,10 +248,10 @@ def test_config_the_class_rejects(tmp_path):
     (tmp_path / "vae").mkdir()
     (tmp_path / "vae" / "config.json").write_text(json.dumps(
         {"block_out_channels": [64, 64], "down_block_types": ["DownEncoderBlock2D"] * 3}))
-    with pytest.raises(PipelineError, match=r"vae[/\\]config\.json: AutoencoderKL cannot be built"):
+    with pytest.raises(ModelSourceError, match=r"vae[/\\]config\.json: AutoencoderKL cannot be built"):
         sizing.pipeline_sizes(tmp_path)
 
 
 def test_bad_dtype():
-    with pytest.raises(PipelineError, match="unknown dtype 'int3'"):
+    with pytest.raises(DtypeError, match="unknown dtype 'int3'"):
         sizing.pipeline_sizes("sd15", dtype="int3")

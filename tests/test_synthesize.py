@@ -5,8 +5,8 @@ import pytest
 import yaml
 
 import offloadkit
-from offloadkit.prediction import predict
-from offloadkit.synthesis import SynthesisError, _offload_seconds, synthesize
+from offloadkit.prediction.replay import predict
+from offloadkit.prediction.synthesis import SynthesisError, _offload_seconds, synthesize
 from offloadkit.testing import tiny_call_kwargs, tiny_pipeline
 
 from helpers import run

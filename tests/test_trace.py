@@ -8,7 +8,7 @@ import torch
 
 import offloadkit
 from offloadkit.errors import BudgetExceededError, BudgetWarning, PolicyError
-from offloadkit.schema import parse_bytes
+from offloadkit.units import parse_bytes
 from offloadkit.testing import tiny_pipeline
 
 from helpers import run
@@ -106,7 +106,7 @@ class _MaterialisedWeights(torch.overrides.TorchFunctionMode):
     """
 
     def __init__(self, pipe):
-        from offloadkit.trace import stage_of
+        from offloadkit.runtime.trace import stage_of
 
         super().__init__()
         self.slots = []  # (stage, the submodule's _parameters or _buffers dict, key)

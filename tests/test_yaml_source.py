@@ -1,7 +1,7 @@
 import pytest
 
 from offloadkit.errors import PolicyError
-from offloadkit.yaml_source import MAX_DEPTH, MAX_NODES, parse_yaml
+from offloadkit.policy.yaml_source import MAX_DEPTH, MAX_NODES, parse_yaml
 
 
 def test_positions_of_keys_and_values():

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import offloadkit
-from offloadkit.sizing import architecture_names
+from offloadkit.prediction.sizing import architecture_names
 from offloadkit.testing import tiny_pipeline
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))

@@ -1,0 +1,93 @@
+"""The resolved plan: what each component of one pipeline does under one policy. Pure data."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from ..device import Device
+from ..errors import UnknownComponentError, did_you_mean
+from ..policy.rules import StrategyRule
+from ..units import format_bytes
+
+END_OF_CALL = "end of call"
+
+
+@dataclass(frozen=True)
+class ComponentPlan:
+    """One model component's fate under the policy.
+
+    `rule` is the frozen rule the policy gives it (with what resolution filled in, such as
+    `quantize_with`); `offloaded_by` names the component whose onload sends this one back to
+    host RAM, `"end of call"` when the pipeline call's end does, or None when it never moves.
+    """
+
+    name: str
+    type_name: str
+    rule: StrategyRule
+    home: str
+    runs_on: str | None
+    offloaded_by: str | None
+    chain_index: int | None
+    bytes: int | None
+    reason: str
+    # How the weights are stored: "float32", "torchao (Int8Tensor)", "float8_e4m3fn (layerwise casting, on apply)"
+    weights: str | None = None
+    stage: str = field(default="denoise", compare=False)  # plans.stages: where its forward's work belongs
+
+    @property
+    def strategy(self) -> str:
+        return self.rule.name
+
+    @property
+    def options(self) -> dict:
+        """The rule's options as the plan shows them (precision keys only when set)."""
+        return self.rule.options()
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, "type_name": self.type_name, "strategy": self.strategy, "home": self.home,
+                "runs_on": self.runs_on, "offloaded_by": self.offloaded_by, "chain_index": self.chain_index,
+                "options": self.options, "bytes": self.bytes, "reason": self.reason, "weights": self.weights}
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A policy resolved against a pipeline. `str(plan)` is a table; `plan.to_dict()` is stable."""
+
+    pipeline: str
+    policy: str
+    device: Device
+    sequence: tuple[str, ...]
+    components: tuple[ComponentPlan, ...]
+
+    def component(self, name: str) -> ComponentPlan:
+        """The plan of one component; `UnknownComponentError` (a `KeyError` too) for a name it does not have."""
+        for component in self.components:
+            if component.name == name:
+                return component
+        raise UnknownComponentError(f"the plan of {self.pipeline} has no component {name!r}. "
+                                    + did_you_mean(name, [c.name for c in self.components], "components"))
+
+    def to_dict(self) -> dict:
+        return {
+            "pipeline": self.pipeline,
+            "policy": self.policy,
+            "device": str(self.device),
+            "sequence": list(self.sequence),
+            "components": [c.to_dict() for c in self.components],
+        }
+
+    def __str__(self) -> str:
+        header = f"{self.pipeline} under policy {self.policy!r} on {self.device}"
+        chain = " -> ".join(self.sequence) if self.sequence else "(none)"
+        columns = ("component", "class", "strategy", "between uses", "runs on", "offloaded by", "weights", "size",
+                   "why")
+        rows = [columns]
+        for c in self.components:
+            rows.append((c.name, c.type_name, c.strategy, c.home, c.runs_on or "-", c.offloaded_by or "-",
+                         c.weights or "-", format_bytes(c.bytes), c.reason))
+        widths = [max(len(str(row[i])) for row in rows) for i in range(len(columns) - 1)]
+        lines = [header, f"offload chain: {chain}", ""]
+        for row in rows:
+            cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
+            lines.append("  ".join(cells + [str(row[-1])]).rstrip())
+        return "\n".join(lines)

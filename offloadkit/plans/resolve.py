@@ -1,0 +1,164 @@
+"""Policy + pipeline description -> Plan. Pure: reads, never mutates.
+
+Errors about names (unknown, absent, not a model) point at the policy's lines.
+"""
+
+from __future__ import annotations
+
+from ..device import Device
+from ..errors import PolicyError, did_you_mean
+from ..policy.loading import located_problem
+from ..policy.rules import HOME_DEVICE
+from ..policy.schema import Policy
+from .component_rules import WILDCARD, choose_rule, plan_precision, weights_label
+from .pipeline_spec import PipelineSpec
+from .plan import END_OF_CALL, ComponentPlan, Plan
+
+HOST = "cpu"
+
+
+def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
+    """Resolve `policy` for the pipeline `spec` on `device` (e.g. "cuda:0", or `auto` to check names only)."""
+    device = Device.parse(device)
+    problems = []
+    models = {c.name: c for c in spec.components if c.is_model and c.present}
+
+    def check_name(path, name, what):
+        component = spec.get(name)
+        if component is None:
+            problems.append(located_problem(policy, path, f"{spec.class_name} has no component {name!r}. "
+                                            + did_you_mean(name, spec.model_names, "model components"),
+                                            key=path[0] == "components"))
+        elif not component.is_model:
+            problems.append(located_problem(policy, path, f"{name!r} is a {component.type_name}, not a model; "
+                                            f"only models can be {what}. Remove it. Models: "
+                                            + ", ".join(spec.model_names), key=path[0] == "components"))
+        elif not component.present:
+            problems.append(located_problem(policy, path, f"{name!r} is not loaded in this pipeline (it is None). "
+                                            "Remove it from the policy or load the component",
+                                            key=path[0] == "components"))
+
+    for name in policy.components:
+        if name != WILDCARD:
+            check_name(("components", name), name, "given a rule")
+    for key, what in (("sequence", "offloaded in a chain"), ("exclude", "excluded")):
+        names = getattr(policy, key)
+        if names != "auto":
+            for i, name in enumerate(names):
+                check_name((key, i), name, what)
+    if problems:
+        raise PolicyError(problems)
+
+    # Strategy per model component, with the reason shown in the plan.
+    if policy.exclude == "auto":
+        excluded = {n for n in spec.exclude if n in models}
+        exclude_reason = "pipeline's _exclude_from_cpu_offload"
+    else:
+        excluded = set(policy.exclude)
+        exclude_reason = "policy `exclude`"
+    rules, reasons, sizes = {}, {}, {}
+    for name, component in models.items():
+        choice = choose_rule(policy, name, component, excluded, exclude_reason, problems)
+        if choice is None:
+            continue
+        rule, reason, path = choice
+        sizes[name] = component.bytes
+        if rule.precision_change:
+            rule, outcome = plan_precision(name, component, rule, sizes, policy, path, spec.from_instance,
+                                           device.type)
+            if isinstance(outcome, str):  # a note: the change is left out for this model
+                reason += f" ({outcome})"
+            elif outcome:
+                problems.append(outcome)
+                continue
+        rules[name], reasons[name] = rule, reason
+        problem = rule.device_problem(device.type) if not device.is_auto else None
+        if problem:
+            problems.append(located_problem(policy, path, f"{name!r}: {problem}"))
+    if problems:
+        raise PolicyError(problems)
+
+    # The chain.
+    if policy.sequence == "auto":
+        if spec.offload_seq is None:
+            needs_chain = [n for n, r in rules.items() if r.chained]
+            if needs_chain:
+                raise PolicyError(located_problem(
+                    policy, ("sequence",),
+                    f"{spec.class_name} declares no model_cpu_offload_seq, so `sequence: auto` has nothing to "
+                    f"follow. Write `sequence:` as a list of its models in call order (models: "
+                    f"{', '.join(spec.model_names)})"))
+            candidates = []
+        else:
+            candidates = list(dict.fromkeys(spec.offload_seq))
+        sequence = [n for n in candidates if n in models and rules[n].chained]
+    else:
+        sequence = list(policy.sequence)
+        for i, name in enumerate(sequence):
+            if not rules[name].chained:
+                problems.append(located_problem(
+                    policy, ("sequence", i),
+                    f"{name!r} is in `sequence` but resolves to strategy {rules[name].name!r} "
+                    f"({reasons[name]}). Remove it from `sequence` or give it `strategy: model`"))
+        if problems:
+            raise PolicyError(problems)
+
+    position = {name: i for i, name in enumerate(sequence)}
+    for name in models:
+        if not getattr(rules[name], "prefetch", False) or position.get(name, 0) > 0:
+            continue
+        if name in policy.components:
+            where = "is first in `sequence`" if name in position else "is not in `sequence`"
+            problems.append(located_problem(
+                policy, ("components", name, "prefetch"),
+                f"{name!r} {where}, so there is no model before it whose work its upload could overlap. "
+                "Remove `prefetch`, or put it after another model in `sequence`", key=True))
+        else:  # a `*` rule: the models with a predecessor prefetch, the first cannot
+            rules[name] = rules[name].model_copy(update={"prefetch": False})
+            reasons[name] += " (no model before it in the chain: not prefetched)"
+    if problems:
+        raise PolicyError(problems)
+
+    plans = []
+    for name, component in models.items():
+        rule = rules[name]
+        reason = reasons[name]
+        if rule.chained:
+            index = position.get(name)
+            if index is None:
+                offloaded_by = END_OF_CALL
+                reason += "; not in sequence: own hook, offloaded at end of call"
+            else:
+                offloaded_by = sequence[index + 1] if index + 1 < len(sequence) else END_OF_CALL
+            home, runs_on = HOST, device
+            if getattr(rule, "prefetch", False):
+                reason += f"; prefetched while {sequence[index - 1]} runs"
+            if getattr(rule, "keep_on_device", False):
+                offloaded_by = "never (kept after first use)"
+                reason = reason.replace("; not in sequence: own hook, offloaded at end of call", "")
+        else:
+            index, offloaded_by = None, rule.offloaded_by
+            home = device if rule.home == HOME_DEVICE else rule.home
+            runs_on = device if rule.runs_on_device else None
+        plans.append(ComponentPlan(
+            name=name,
+            type_name=component.type_name,
+            rule=rule,
+            home=home,
+            runs_on=runs_on,
+            offloaded_by=offloaded_by,
+            chain_index=index,
+            bytes=sizes[name],
+            reason=reason,
+            weights=weights_label(component, rule),
+            stage=component.stage,
+        ))
+    # Chain members in chain order first, then the others in the pipeline's order.
+    plans.sort(key=lambda c: (c.chain_index is None, c.chain_index or 0))
+    return Plan(
+        pipeline=spec.class_name,
+        policy=policy.display_name,
+        device=device,
+        sequence=tuple(sequence),
+        components=tuple(plans),
+    )

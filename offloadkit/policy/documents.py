@@ -1,0 +1,240 @@
+"""Reading YAML documents (policies and hardware profiles) into data with every problem located.
+
+The one machinery both kinds of file share: finding a file or a built-in by name,
+parsing it with positions (`yaml_source`), and turning pydantic's errors into
+`file:line:col dotted.path: what is wrong. what to do.` problems. A `DocumentKind`
+says what the document is called, where its built-ins are and which error it raises.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Callable
+
+from pydantic import ValidationError
+
+from ..errors import LocatedError, Problem, did_you_mean
+from .rules import RULES, strategy_names
+from .yaml_source import YamlDocument, parse_yaml
+
+
+def builtin_documents(package: str) -> dict[str, object]:
+    """The YAML resources of a package (shipped in the wheel), by name without the extension, sorted."""
+    found = {}
+    for entry in resources.files(package).iterdir():
+        if entry.name.endswith((".yaml", ".yml")):
+            found[entry.name.rsplit(".", 1)[0]] = entry
+    return dict(sorted(found.items()))
+
+
+@dataclass(frozen=True)
+class DocumentKind:
+    """What a kind of document is called, where its built-ins are, and the error its problems raise."""
+
+    noun: str  # "policy", "hardware profile"
+    plural: str
+    builtins: Callable[[], dict]
+    error: type[LocatedError]
+
+    def fail(self, problem: Problem | str, origin: Problem | None = None):
+        """Raise this kind's error; with `origin`, located where the reference to the document was."""
+        if origin is not None and isinstance(problem, str):
+            problem = Problem(problem, origin.source, origin.path, origin.line, origin.column)
+        raise self.error(problem)
+
+
+def read_source(source, base_dir: Path, origin: Problem | None, kind: DocumentKind):
+    """Read a path or built-in name; returns (document, directory for relative references, identity key).
+
+    `origin` is where the reference was (an `extends` line), for problems located there.
+    """
+    text = str(source)
+    what = kind.noun
+    builtins = kind.builtins()
+    looks_like_path = (isinstance(source, os.PathLike) or text.endswith((".yaml", ".yml")) or os.sep in text
+                       or text in (".", ".."))
+    if not looks_like_path and text in builtins:
+        resource = builtins[text]
+        return (parse_yaml(resource.read_text(encoding="utf-8"), f"<builtin:{text}>", error=kind.error), base_dir,
+                f"builtin:{text}")
+    path = Path(text)
+    if not path.is_absolute():
+        path = base_dir / path
+    try:
+        is_file = path.is_file()
+    except OSError as exc:  # e.g. a name longer than the file system allows
+        is_file = False
+        looks_like_path = True
+        reason = exc.strerror
+    else:
+        reason = None
+    if is_file:
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:
+            problem_text = f"cannot read {what} file {text!r} ({exc.strerror}). Check its permissions"
+            kind.fail(problem_text if origin is not None else Problem(problem_text, text), origin)
+        shown = str(source) if origin is None else display_path(path)
+        return parse_yaml(raw, shown, error=kind.error), path.parent, str(path.resolve())
+    if looks_like_path:
+        shown = text if len(text) <= 80 else text[:77] + "..."
+        message = f"{what} file {shown!r} not found"
+        if reason is not None:
+            message = f"cannot open {what} file {shown!r} ({reason})"
+        elif path.is_dir():
+            message = f"{shown!r} is a folder, not a {what} file"
+        problem_text = f"{message}. Check the path (relative paths start from {base_dir})"
+    else:
+        problem_text = (f"no built-in {what} or file named {text!r}. "
+                        + did_you_mean(text, builtins, f"built-in {kind.plural}"))
+    kind.fail(problem_text if origin is not None else Problem(problem_text, text), origin)
+
+
+
+def display_path(path: Path) -> str:
+    try:
+        return os.path.relpath(path)
+    except ValueError:  # another drive on Windows
+        return str(path)
+
+
+
+def positions_of(doc: YamlDocument) -> dict:
+    """(path, is_key) -> Position of every key and value of a document."""
+    table = {}
+    for path, pos in doc.value_positions.items():
+        table[(path, False)] = pos
+    for path, pos in doc.key_positions.items():
+        table[(path, True)] = pos
+    return table
+
+
+class Located:
+    """The positions of a merged policy: each path maps to the file and place it came from."""
+
+    def __init__(self, source: str, positions: dict):
+        self.source = source
+        self.positions = positions
+
+    def problem(self, path: tuple, message: str, key: bool = False) -> Problem:
+        return locate(self.positions, tuple(path), message, key, self.source)
+
+
+def locate(positions: dict, path: tuple, message: str, key: bool, default_source: str) -> Problem:
+    probe = path
+    while True:
+        pos = positions.get((probe, key)) or positions.get((probe, False))
+        if pos is not None:
+            return Problem(message, pos.source, path, pos.line, pos.column)
+        if not probe:
+            return Problem(message, default_source, path)
+        probe = probe[:-1]
+        key = False
+
+
+# --- pydantic errors -> located problems --------------------------------------------------------
+
+def _data_path(loc: tuple, data) -> tuple:
+    """Drop the parts of a pydantic location that are not in the data (union tags, validator names)."""
+    path = []
+    node = data
+    for part in loc:
+        if isinstance(node, dict) and part in node:
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, list) and isinstance(part, int) and 0 <= part < len(node):
+            path.append(part)
+            node = node[part]
+        elif isinstance(node, dict) and isinstance(part, str) and part not in RULES and not path_is_tag(part):
+            # a missing key: still part of the path shown to the user
+            path.append(part)
+            node = None
+    return tuple(path)
+
+
+def path_is_tag(part) -> bool:
+    return isinstance(part, str) and ("[" in part or part.startswith("function-"))
+
+
+def _expected_values(ctx: dict | None) -> list[str]:
+    if not ctx:
+        return []
+    if "expected_tags" in ctx:
+        return re.findall(r"'([^']*)'", str(ctx["expected_tags"]))
+    return re.findall(r"'([^']*)'", str(ctx.get("expected", "")))
+
+
+def translate(exc: ValidationError, data: dict, positions: dict, source: str, allowed_keys) -> list[Problem]:
+    """Pydantic errors as located problems. `allowed_keys(path, data)` lists the valid keys of a mapping
+    for "did you mean" hints."""
+    problems: dict[tuple, Problem] = {}
+    for err in exc.errors(include_url=False):
+        kind = err["type"]
+        path = _data_path(err["loc"], data)
+        at_key = False
+        value = err.get("input")
+        if kind == "extra_forbidden":
+            at_key = True
+            key = path[-1] if path else err["loc"][-1]
+            message = (f"unknown key {key!r}. " + did_you_mean(key, allowed_keys(path[:-1], data), "keys")
+                       .replace("Valid keys", "Remove it or use one of the valid keys"))
+        elif kind == "missing":
+            message = f"required key {path[-1]!r} is missing."
+            if path == ("version",):
+                message += " Add `version: 1` at the top of the file"
+            elif path[-1:] == ("strategy",):
+                message += " Add one of: " + ", ".join(repr(s) for s in strategy_names())
+            else:
+                message += " Add it"
+        elif kind in ("union_tag_invalid", "literal_error", "enum"):
+            choices = _expected_values(err.get("ctx"))
+            if path[-1:] == ("offload_buffers",):
+                message = f"must be 'auto', true or false, not {value!r}. Use one of those"
+            elif path and path[0] in ("sequence", "exclude") and len(path) == 1:
+                message = f"must be 'auto' or a list of component names, not {value!r}. Write `{path[0]}: auto` or a list such as `[text_encoder, unet]`"
+            else:
+                what = "strategies" if kind == "union_tag_invalid" else "values"
+                label = "strategy" if kind == "union_tag_invalid" else "value"
+                shown = err.get("ctx", {}).get("tag", value)
+                message = f"unknown {label} {shown!r}. " + did_you_mean(str(shown), choices, what)
+                if path == ("version",):
+                    message = f"unsupported version {value!r}. This offloadkit reads `version: 1`"
+        elif kind == "union_tag_not_found":
+            message = "a component rule needs a `strategy`. Add one of: " + ", ".join(repr(s) for s in strategy_names())
+        elif kind == "string_pattern_mismatch" and path[-1:] == ("device",):
+            message = (f"invalid device {value!r}. Use 'auto', 'cpu', or an accelerator such as 'cuda' or 'cuda:1'")
+        elif kind in ("list_type", "string_type") and path and path[0] in ("sequence", "exclude") and len(path) == 1:
+            message = f"must be 'auto' or a list of component names, not {value!r}. Write `{path[0]}: auto` or a list such as `[text_encoder, unet]`"
+        elif kind in ("dict_type", "model_type", "model_attributes_type"):
+            message = f"must be a mapping, not {value!r}."
+            if path[:1] == ("components",) and len(path) == 2:
+                message += " Write e.g. `vae: {strategy: resident}`"
+            elif path[:1] == ("components",):
+                message += " Write e.g. `components: {vae: {strategy: resident}}`"
+            else:
+                message += " Give keys and values"
+        elif kind == "string_type" and path and path[0] in ("sequence", "exclude"):
+            message = f"must be a component name, not {value!r}. Quote it if it is one"
+        elif kind == "string_type":
+            message = f"must be a string, not {value!r}. Quote the value"
+        elif kind == "bool_parsing":
+            message = f"must be true or false, not {value!r}."
+            if path and path[-1] == "offload_buffers":
+                message = f"must be 'auto', true or false, not {value!r}. Use one of those"
+        elif kind == "value_error":
+            message = str(err.get("ctx", {}).get("error", err["msg"]))
+        else:
+            message = err["msg"].rstrip(".") + ". Fix the value"
+        # A union reports one failure per branch at the same place; one message per place is enough.
+        key = (path, at_key)
+        if key not in problems or kind in ("union_tag_invalid", "literal_error", "extra_forbidden"):
+            problems[key] = locate(positions, path, message, at_key, source)
+    # A union (`auto` or a list) reports the whole value and its items; the item errors say more.
+    found = list(problems.values())
+    found = [p for p in found if not any(q.path[: len(p.path)] == p.path and len(q.path) > len(p.path)
+                                         for q in found)]
+    return sorted(found, key=lambda p: (p.source, p.line or 0, p.column or 0, p.dotted_path))

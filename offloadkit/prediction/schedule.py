@@ -1,0 +1,141 @@
+"""Which model components one pipeline call runs, in what order, how many times.
+
+The planner replays this list against a plan to predict what moves when. The
+order matters as much as the counts: in a chain, a model that runs again after
+its successor is onloaded again. The rules below are read off the installed
+diffusers pipelines' `encode_prompt` and denoising loops:
+
+- SD 1.x / 2.x (and their ControlNet, img2img, ... variants): the text encoder
+  runs for the prompt, and again for the negative prompt under classifier-free
+  guidance; the UNet runs once a step (conditional and unconditional halves in
+  one batch), after the ControlNet when there is one.
+- SDXL: both text encoders, in turn, for the prompt; for the negative prompt
+  only when one is given or the pipeline's `force_zeros_for_empty_prompt` is
+  false (otherwise the negative embeddings are zeros).
+- SD3: the three text encoders in turn, again for the negative prompt under
+  guidance (an absent T5 is not called).
+- Flux: CLIP then T5, once; the transformer once a step (guidance is
+  distilled). "True CFG" (a negative prompt) doubles both.
+- Wan: the T5 encoder, again for the negative prompt under guidance; the
+  transformer runs twice a step under guidance (conditional and unconditional
+  as separate forwards).
+- The VAE decodes once at the end (a safety checker, where loaded, runs after it).
+
+Which models encode, denoise and decode is `offloadkit.plans.stages`' vocabulary (by
+class first): in other pipelines every denoising model runs its own loop of `steps`
+in offload-sequence order (a prior, then a decoder UNet), and every decoding model
+(VAE, MoVQ, VQGAN, vocoder) runs once at the end.
+
+These rules were checked for the text-to-image (text-to-video) classes in
+`CHECKED`. Other classes of the same families (img2img, inpainting, ...: they also
+run the VAE's encoder) get their family's rule, and pipelines outside these
+families the generic one (encoders in `model_cpu_offload_seq` order, once, twice
+under guidance; the denoiser once a step; the VAE once); for both the schedule is
+marked assumed, and the plan says so.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..plans.stages import DECODE, DENOISE, ENCODE, stage_of
+
+# Models that run in the denoising loop but are not its denoiser: the ControlNet runs beside it each
+# step, the safety checker after the decode.
+_BESIDE_THE_DENOISER = ("controlnet", "safety_checker")
+CHECKED = frozenset({"StableDiffusionPipeline", "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline",
+                     "StableDiffusionXLControlNetPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
+                     "WanPipeline"})
+
+
+@dataclass(frozen=True)
+class CallSettings:
+    """What a pipeline call is asked to do. `None` means the pipeline family's usual value."""
+
+    height: int | None = None
+    width: int | None = None
+    steps: int = 30
+    batch: int = 1  # images (videos) per call
+    guidance: bool = True  # classifier-free guidance (guidance_scale > 1)
+    negative_prompt: bool = False
+    num_frames: int | None = None  # video pipelines
+    dtype: str | None = None  # weights' dtype when built from configs; None: as the configs say
+
+    def resolved(self, family: str) -> "CallSettings":
+        """Defaults of the family filled in (SD 1.x 512 px, SDXL/SD3/Flux 1024 px, Wan 480x832 x 81 frames)."""
+        height, width, frames = _DEFAULT_SIZE.get(family, (1024, 1024, None))
+        return CallSettings(
+            height=self.height or height, width=self.width or width, steps=self.steps, batch=self.batch,
+            guidance=self.guidance, negative_prompt=self.negative_prompt,
+            num_frames=self.num_frames or frames, dtype=self.dtype)
+
+
+_DEFAULT_SIZE = {"sd": (512, 512, None), "sdxl": (1024, 1024, None), "sd3": (1024, 1024, None),
+                 "flux": (1024, 1024, None), "wan": (480, 832, 81), "generic": (1024, 1024, None)}
+
+
+def pipeline_family(class_name: str) -> str:
+    """`sd`, `sdxl`, `sd3`, `flux`, `wan` or `generic`, from the pipeline class name."""
+    for prefix, family in (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"),
+                           ("Wan", "wan"), ("StableDiffusion", "sd")):
+        if class_name.startswith(prefix):
+            return family
+    return "generic"
+
+
+@dataclass(frozen=True)
+class CallSchedule:
+    """The model forwards of one call, in order (a name per forward), and whether the rule is assumed."""
+
+    forwards: tuple[str, ...]
+    assumed: bool
+
+    def count(self, name: str) -> int:
+        return self.forwards.count(name)
+
+
+def schedule(class_name: str, present: list[str], settings: CallSettings, *, offload_seq=(),
+             force_zeros_for_empty_prompt: bool = True, stages: dict | None = None) -> CallSchedule:
+    """The forwards of one call of a `class_name` pipeline whose loaded models are `present`.
+
+    `stages` maps a model to its stage (`PipelineSpec` components know it from their class); a model
+    not in it is staged by its name.
+
+    Example::
+
+        schedule("StableDiffusionPipeline", ["text_encoder", "unet", "vae"], CallSettings(steps=2)).forwards
+        # ('text_encoder', 'text_encoder', 'unet', 'unet', 'vae')
+    """
+    family = pipeline_family(class_name)
+    have = set(present)
+    stage = {n: (stages or {}).get(n) or stage_of(n) for n in have}
+    order = [n for n in dict.fromkeys(offload_seq) if n in have] + sorted(have - set(offload_seq))
+
+    def only(*names):
+        return [n for n in names if n in have]
+
+    encoders = sorted((n for n in have if n.startswith("text_encoder")), key=_encoder_order)
+    twice_encode = settings.guidance
+    per_step = 1
+    if family == "sdxl":
+        twice_encode = settings.guidance and (settings.negative_prompt or not force_zeros_for_empty_prompt)
+    elif family == "flux":
+        twice_encode = per_step_true_cfg = settings.guidance and settings.negative_prompt
+        per_step = 2 if per_step_true_cfg else 1
+    elif family == "wan":
+        per_step = 2 if settings.guidance else 1
+    elif family == "generic":
+        encoders = [n for n in order if stage[n] == ENCODE and "image_encoder" not in n] or encoders
+    forwards = list(encoders) * (2 if twice_encode else 1)
+    denoisers = [n for n in order if stage[n] == DENOISE and n not in _BESIDE_THE_DENOISER]
+    if family != "generic":
+        denoisers = denoisers[:1]  # one denoiser a step (the checked families)
+    for denoiser in denoisers:  # each runs its own loop: a prior's, then a decoder's
+        forwards += (only("controlnet") + [denoiser] * per_step) * settings.steps
+    forwards += [n for n in order if stage[n] == DECODE] + only("safety_checker")
+    return CallSchedule(tuple(forwards), assumed=class_name not in CHECKED)
+
+
+def _encoder_order(name: str) -> int:
+    suffix = name.removeprefix("text_encoder").lstrip("_")
+    return int(suffix) if suffix.isdigit() else 1

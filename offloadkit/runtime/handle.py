@@ -1,0 +1,290 @@
+"""The handle of a policy applied to a pipeline: the one owner of its offload state.
+
+Strategies' installers (`runtime/strategies/`) and the pipeline subclass
+(`pipeline_class.py`) read and change that state only through the methods below:
+the hook of each component, the residency of chained ones, weights kept off the
+model, the stream statistics, the prefetch stream and the disk-tier folder.
+"""
+
+from __future__ import annotations
+
+import time
+
+from ..accelerator import empty_cache, module_device, resolve_device
+from ..plans.pipeline_spec import spec_from_pipeline
+from ..plans.plan import Plan
+from ..plans.resolve import resolve
+from ..policy.loading import load
+from ..tensor_bytes import module_bytes
+from .pipeline_class import HANDLE_ATTR, offloaded_class
+from .strategies import installer_for
+from .strategies.model import ComponentState
+from .streaming import StreamStats
+from .trace import Trace
+
+
+def resolved(pipe, policy, device):
+    """(policy, device, plan) for a loaded pipeline: the one resolution `plan`, `apply` and `reinstall` share."""
+    policy = load(policy)
+    target = resolve_device(device if device is not None else policy.device)
+    return policy, target, resolve(policy, spec_from_pipeline(pipe), str(target))
+
+
+class OffloadHandle:
+    """A policy applied to a pipeline. `trace` records moves; `remove()` restores the pipeline."""
+
+    def __init__(self, pipe, the_plan: Plan, policy, device):
+        self.pipe = pipe
+        self.plan = the_plan
+        self.policy = policy
+        self.device = device
+        self.trace = Trace(stages={c.name: c.stage for c in the_plan.components})
+        if policy.budget is not None:
+            self.trace.budget_bytes = policy.budget.device_memory
+            self.trace.on_exceed = policy.budget.on_exceed
+        self._hooks: dict = {}  # component -> its top-level hook, for every strategy that installs one
+        self._states: dict = {}  # component -> residency state, for chained components
+        self._saved_devices: dict = {}
+        self._weights: dict = {}  # original tensors kept by strategies that leave meta tensors behind
+        self._streams: dict = {}  # component -> StreamStats, for streamed (sequential/disk/group) components
+        self._prefetch_stream = None  # the CUDA side stream of `prefetch` uploads, made when first needed
+        self._diffusers_offload_device = None  # set when apply replaced enable_model_cpu_offload
+        self._tmp = None  # temporary folder of disk-tier files
+        self._tmp_cleanup = None
+        self._base_class = None
+        self._active = False
+
+    def _temporary_folder(self):
+        import shutil
+        import tempfile
+        import weakref
+        from pathlib import Path
+
+        if self._tmp is None:
+            self._tmp = Path(tempfile.mkdtemp(prefix="offloadkit-disk-"))
+            # deleted on remove(), or when the handle is garbage collected / the process exits
+            self._tmp_cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
+        return self._tmp
+
+    # --- what strategies read and change --------------------------------------------------------
+
+    def set_hook(self, name, hook) -> None:
+        """The top-level hook a strategy installed on a component (checked by `hooks_intact`)."""
+        self._hooks[name] = hook
+
+    def hook(self, name):
+        return self._hooks.get(name)
+
+    def track_residency(self, name, module, keep: bool = False) -> ComponentState:
+        """Start tracking whether a chained component is on the device (offloaded at end of call unless `keep`)."""
+        component = self.plan.component(name)
+        nbytes = component.bytes if component.bytes is not None else module_bytes(module)
+        state = self._states[name] = ComponentState(name, component.stage, nbytes, self.trace, keep=keep)
+        return state
+
+    def residency(self, name) -> ComponentState | None:
+        return self._states.get(name)
+
+    def stream_stats(self, name, tier: str) -> StreamStats:
+        """The per-call totals of a component whose weights move piece by piece (one `stream` event a call)."""
+        stats = self._streams[name] = StreamStats(name, self.plan.component(name).stage, tier, self.trace)
+        return stats
+
+    def watch_stream(self, name, module, tier: str) -> None:
+        """Trace a component streamed by Accelerate hooks: its layer loads summed per call."""
+        self.stream_stats(name, tier).watch(module)
+
+    def prefetch_stream(self):
+        """One side stream per handle for prefetches, on CUDA; None elsewhere (prefetches copy at once)."""
+        if self.device.type != "cuda":
+            return None
+        if self._prefetch_stream is None:
+            import torch
+
+            self._prefetch_stream = torch.cuda.Stream(self.device)
+        return self._prefetch_stream
+
+    def keep_weights(self, name, weights) -> None:
+        """Tensors a strategy took off the model (it leaves meta tensors), given back by `take_weights`."""
+        self._weights[name] = weights
+
+    def take_weights(self, name):
+        return self._weights.pop(name, None)
+
+    def weights_off_model(self) -> list[str]:
+        """Components whose weights live off the model (as meta tensors) while the policy is applied."""
+        return [c.name for c in self.plan.components if c.name in self._weights]
+
+    def disk_folder(self, requested: str | None):
+        """The policy's folder for disk-tier files, or one temporary folder per handle (deleted with it)."""
+        from pathlib import Path
+
+        if requested is not None:
+            return Path(requested).expanduser()
+        return self._temporary_folder()
+
+    def place(self, name, module) -> None:
+        """Put a component on the execution device for good (traced as an onload when it came from elsewhere)."""
+        current = module_device(module)
+        start = time.perf_counter()
+        module.to(self.device)
+        nbytes = self.plan.component(name).bytes or module_bytes(module)
+        if current is not None and current.type != self.device.type:
+            self.trace.record(name, "onload", current, self.device, nbytes, time.perf_counter() - start)
+        else:
+            self.trace.place(name, nbytes)
+
+    # --- install / remove ---------------------------------------------------------------------
+
+    def install(self) -> None:
+        """Install the plan on the pipeline (what `offloadkit.apply` does after its checks)."""
+        pipe = self.pipe
+        # diffusers' own model offload is replaced, as enable_model_cpu_offload itself would do,
+        # and given back by remove().
+        if getattr(pipe, "_all_hooks", None):
+            self._diffusers_offload_device = getattr(pipe, "_offload_device", None)
+            pipe.remove_all_hooks()
+        self._save_devices()
+        try:
+            self._apply_precision()
+            self._install_hooks()
+        except BaseException:
+            # e.g. out of memory placing a resident model: leave nothing half-installed behind
+            try:
+                self._remove_hooks()
+                self._restore_devices()
+            except Exception as cleanup:  # the first error is the one to show
+                import warnings
+
+                warnings.warn(f"offloadkit could not fully undo a failed apply: {cleanup}", RuntimeWarning)
+            raise
+        self._base_class = type(pipe)
+        pipe.__class__ = offloaded_class(self._base_class)
+        setattr(pipe, HANDLE_ATTR, self)
+        self._active = True
+        empty_cache(self.device)
+
+    def _save_devices(self) -> None:
+        components = self.pipe.components
+        for component in self.plan.components:
+            if component.rule.managed and component.name not in self._saved_devices:
+                device = module_device(components[component.name])
+                if device is not None:
+                    self._saved_devices[component.name] = device
+
+    def _restore_devices(self) -> None:
+        components = self.pipe.components
+        for name, device in self._saved_devices.items():
+            module = components.get(name)
+            if module is not None and module_device(module) not in (None, device):
+                module.to(device)
+
+    def _apply_precision(self) -> None:
+        # Before any hook: a diffusers hook (layerwise casting) registered before Accelerate's survives its removal.
+        from .precision import apply_precision
+
+        components = self.pipe.components
+        for component in self.plan.components:
+            if component.rule.precision_change:
+                apply_precision(component.name, components[component.name], component.rule)
+
+    def _install_hooks(self) -> None:
+        components = self.pipe.components
+        # The plan lists the chain first, in order: each hook needs its predecessor's.
+        previous = None
+        for component in self.plan.components:
+            module = components[component.name]
+            link = previous if component.chain_index is not None else None
+            installed = installer_for(component.rule).install(self, component.name, module, component.rule, link)
+            if component.chain_index is not None:
+                previous = installed
+
+    def _remove_hooks(self) -> None:
+        components = self.pipe.components
+        # Reverse of install order.
+        for component in reversed(self.plan.components):
+            uninstall = installer_for(component.rule).uninstall
+            module = components.get(component.name)
+            if uninstall is not None and module is not None:
+                uninstall(self, component.name, module)
+        self._hooks.clear()
+        self._states.clear()
+        self._streams.clear()
+
+    def remove(self) -> None:
+        """Undo `apply`: hooks removed, original class back, components on the devices they were on.
+
+        If `apply` replaced diffusers' own `enable_model_cpu_offload`, that is switched back on.
+        """
+        if not self._active:
+            return
+        pipe = self.pipe
+        self._active = False
+        try:
+            self._remove_hooks()
+            self._restore_devices()
+        finally:
+            # whatever failed above, the pipeline is not left looking as if the policy were applied
+            pipe.__class__ = self._base_class
+            pipe.__dict__.pop(HANDLE_ATTR, None)
+            if self._tmp_cleanup is not None:
+                self._tmp_cleanup()
+            empty_cache(self.device)
+        if self._diffusers_offload_device is not None:
+            pipe.enable_model_cpu_offload(device=self._diffusers_offload_device)
+
+    @property
+    def active(self) -> bool:
+        return self._active
+
+    def reinstall(self) -> None:
+        """Put the policy's hooks back after code outside offloadkit removed them (diffusers' loaders).
+
+        The plan is resolved again: a loader may have added a component (`load_ip_adapter`).
+        """
+        self._remove_hooks()
+        self.plan = resolved(self.pipe, self.policy, self.device)[2]
+        self._save_devices()
+        self._install_hooks()
+
+    # --- per call -----------------------------------------------------------------------------
+
+    def begin_call(self) -> None:
+        """The policy's start of a call (the pipeline subclass calls it before the pipeline's own `__call__`)."""
+        if self.device.type == "cuda":
+            import torch
+
+            torch.cuda.reset_peak_memory_stats(self.device)
+        self.trace.begin_call()
+
+    def end_call(self) -> None:
+        """The policy's end of call: everything the chain onloaded goes back to host RAM."""
+        components = self.pipe.components
+        offloaded = False
+        for name, state in self._states.items():
+            module = components[name]
+            if not state.keep and state.on_device(module):
+                self._hooks[name].init_hook(module)
+                offloaded = True
+        if offloaded:
+            empty_cache(self.device)
+        for stats in self._streams.values():
+            stats.flush(self.device)
+        device_peak = None
+        if self.device.type == "cuda":
+            import torch
+
+            device_peak = torch.cuda.max_memory_allocated(self.device)
+        self.trace.end_call(device_peak)
+
+    def has_hooks(self) -> bool:
+        return bool(self._hooks)
+
+    def hooks_intact(self) -> bool:
+        """Whether every hook the policy installed is still the top-level hook of its component."""
+        components = self.pipe.components
+        return all(getattr(components.get(n), "_hf_hook", None) is h for n, h in self._hooks.items())
+
+    def __repr__(self) -> str:
+        state = "active" if self._active else "removed"
+        return f"<OffloadHandle {self.plan.policy!r} on {self.device} ({state})>"

@@ -1,0 +1,197 @@
+"""What moved, when: onload/offload events recorded by the hooks, per-call totals, and the budget check.
+
+Resident bytes are counted from parameter and buffer sizes of the components
+offloadkit places (exact on any machine); on CUDA each call also records
+`torch.cuda.max_memory_allocated`, which includes activations.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+
+from ..errors import BudgetExceededError, BudgetWarning
+from ..plans.stages import STAGES, stage_of
+from ..units import format_bytes
+
+
+@dataclass(frozen=True)
+class TraceEvent:
+    """One move of one component. `call` is 0 for moves made by `apply` itself."""
+
+    call: int
+    component: str
+    # "onload", "offload", "prefetch" (an onload started ahead of use, on a side stream where there is one),
+    # or "stream" (a call's piece-by-piece loads of a streamed component, summed)
+    action: str
+    source: str
+    target: str
+    bytes: int
+    seconds: float
+    at: float  # seconds since apply
+    resident_bytes: int  # whole components on the device after this move, counted from parameter sizes
+    stage: str
+
+
+@dataclass(frozen=True)
+class CallSummary:
+    """Totals of one pipeline call."""
+
+    call: int
+    bytes_moved: int
+    seconds_moving: float
+    peak_resident_bytes: int
+    stage_peak_bytes: dict
+    device_peak_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, else None
+
+
+@dataclass
+class Trace:
+    """The events since `apply`. Iterable; `summary()` is a table; `to_json()` for tools.
+
+    Example::
+
+        handle = offloadkit.apply(pipe, "diffusers-default")
+        pipe("a lighthouse")
+        [(e.component, e.action) for e in handle.trace]
+        handle.trace.calls_summary()[-1].peak_resident_bytes
+    """
+
+    events: list = field(default_factory=list)
+    calls: int = 0
+    started: float = field(default_factory=time.perf_counter)
+    resident: dict = field(default_factory=dict)  # component -> bytes on the device now
+    streaming: int = 0  # bytes of streamed components' pieces (layers, blocks, groups) on the device now
+    resident_bytes: int = 0  # the sum of `resident`, kept as it changes (read on every layer of a stream)
+    budget_bytes: int | None = None
+    on_exceed: str = "warn"
+    stages: dict = field(default_factory=dict)  # component -> its stage (from the plan); else by its name
+    summaries: list = field(default_factory=list)
+    _call_peak: int = 0
+    _stage_peaks: dict = field(default_factory=dict)
+    _call_first_event: int = 0  # index of the current call's first event: end_call reads no older ones
+
+    def _set_resident(self, component: str, nbytes: int | None) -> None:
+        self.resident_bytes -= self.resident.pop(component, 0)
+        if nbytes is not None:
+            self.resident[component] = nbytes
+            self.resident_bytes += nbytes
+
+    def place(self, component: str, nbytes: int) -> None:
+        """A component put on the device without a traced move (resident strategy on the same device)."""
+        self._set_resident(component, nbytes)
+        self._check_budget(component)
+
+    def record(self, component: str, action: str, source, target, nbytes: int, seconds: float,
+               stage: str | None = None) -> None:
+        """One move. `stage` defaults to the component's own (a prefetch happens during its predecessor's)."""
+        onload = action in ("onload", "prefetch")
+        if onload:
+            self._set_resident(component, nbytes)
+        elif action == "offload":
+            self._set_resident(component, None)
+        # "stream": the pieces were counted as they came and went (stream_load / stream_drop)
+        total = self.resident_bytes
+        stage = stage or self.stages.get(component) or stage_of(component)
+        self.events.append(TraceEvent(self.calls, component, action, str(source), str(target), nbytes, seconds,
+                                      time.perf_counter() - self.started, total, stage))
+        if onload:
+            self._peak(stage, total + self.streaming)
+            self._check_budget(component)
+
+    def running(self, stage: str) -> None:
+        """A hooked component's forward starts: what is on the device now counts for its stage's peak."""
+        self._peak(stage, self.resident_bytes + self.streaming)
+
+    def stream_load(self, component: str, stage: str, nbytes: int) -> None:
+        """A piece of a streamed component was put on the device (called for every layer/block/group)."""
+        self.streaming += nbytes
+        self._peak(stage, self.resident_bytes + self.streaming)
+        if self.budget_bytes is not None:
+            self._check_budget(component)
+
+    def stream_drop(self, nbytes: int) -> None:
+        self.streaming -= nbytes
+
+    def _peak(self, stage: str, total: int) -> None:
+        if total > self._call_peak:
+            self._call_peak = total
+        if total > self._stage_peaks.get(stage, 0):
+            self._stage_peaks[stage] = total
+
+    def _check_budget(self, component: str) -> None:
+        total = self.resident_bytes + self.streaming
+        if self.budget_bytes is None or total <= self.budget_bytes:
+            return
+        listed = ", ".join(f"{name} {format_bytes(size)}" for name, size in sorted(self.resident.items()))
+        if self.streaming:
+            listed += f", streamed pieces {format_bytes(self.streaming)}"
+        message = (f"{format_bytes(total)} on the device after {component!r} was onloaded, over the "
+                   f"policy's budget of {format_bytes(self.budget_bytes)} ({listed}). Offload more components "
+                   "or raise `budget.device_memory`")
+        if self.on_exceed == "error":
+            raise BudgetExceededError(message)
+        warnings.warn(message, BudgetWarning, stacklevel=3)
+
+    # --- per call ---------------------------------------------------------------------------------
+
+    def begin_call(self) -> None:
+        self.calls += 1
+        self._call_first_event = len(self.events)
+        self.streaming = 0  # a failed forward may have skipped its drop: each call counts afresh
+        self._call_peak = self.resident_bytes
+        self._stage_peaks = {}
+
+    def end_call(self, device_peak_bytes: int | None = None) -> None:
+        events = self.events[self._call_first_event:]
+        self.summaries.append(CallSummary(
+            call=self.calls,
+            bytes_moved=sum(e.bytes for e in events),
+            seconds_moving=sum(e.seconds for e in events),
+            peak_resident_bytes=self._call_peak,
+            stage_peak_bytes=dict(self._stage_peaks),
+            device_peak_bytes=device_peak_bytes,
+        ))
+
+    def calls_summary(self) -> list[CallSummary]:
+        return list(self.summaries)
+
+    # --- reading ----------------------------------------------------------------------------------
+
+    def __iter__(self):
+        return iter(self.events)
+
+    def __len__(self):
+        return len(self.events)
+
+    def for_call(self, call: int) -> list[TraceEvent]:
+        return [e for e in self.events if e.call == call]
+
+    def bytes_moved(self, call: int | None = None) -> int:
+        events = self.events if call is None else self.for_call(call)
+        return sum(e.bytes for e in events)
+
+    def to_json(self) -> str:
+        return json.dumps({"calls": self.calls, "events": [asdict(e) for e in self.events],
+                           "per_call": [asdict(s) for s in self.summaries]}, indent=2)
+
+    def summary(self) -> str:
+        lines = [f"{'call':>4}  {'component':<16} {'action':<8} {'from':<8} {'to':<8} {'size':>10} {'ms':>8} "
+                 f"{'resident':>10}"]
+        for e in self.events:
+            lines.append(f"{e.call:>4}  {e.component:<16} {e.action:<8} {e.source:<8} {e.target:<8} "
+                         f"{format_bytes(e.bytes):>10} {e.seconds * 1e3:>8.2f} {format_bytes(e.resident_bytes):>10}")
+        lines.append(f"{len(self.events)} moves, {format_bytes(self.bytes_moved())} in {self.calls} call(s)")
+        if self.summaries:
+            lines.append("")
+            lines.append(f"{'call':>4}  {'moved':>10} {'ms moving':>10} {'peak':>10} "
+                         + " ".join(f"{s:>10}" for s in STAGES) + f" {'cuda peak':>10}")
+            for s in self.summaries:
+                stages = " ".join(f"{format_bytes(s.stage_peak_bytes[k]) if k in s.stage_peak_bytes else '-':>10}"
+                                  for k in STAGES)
+                device = format_bytes(s.device_peak_bytes) if s.device_peak_bytes is not None else "-"
+                lines.append(f"{s.call:>4}  {format_bytes(s.bytes_moved):>10} {s.seconds_moving * 1e3:>10.2f} "
+                             f"{format_bytes(s.peak_resident_bytes):>10} {stages} {device:>10}")
+        return "\n".join(lines)
