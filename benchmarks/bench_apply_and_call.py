@@ -132,7 +132,7 @@ def main(argv=None) -> int:
     from diffusers.utils import logging as diffusers_logging
 
     import offloadkit
-    from offloadkit.device import resolve_device
+    from offloadkit.accelerator import resolve_device
     from offloadkit.testing import tiny_call_kwargs, tiny_pipeline
 
     diffusers_logging.set_verbosity_error()

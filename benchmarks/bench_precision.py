@@ -50,7 +50,7 @@ def main(argv=None) -> int:
     from check_predictions import build_sd15
 
     import offloadkit
-    from offloadkit.plans.plan import format_bytes
+    from offloadkit.units import format_bytes
     from offloadkit.tensor_bytes import module_bytes
 
     torch.set_num_threads(args.threads)

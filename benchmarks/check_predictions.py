@@ -76,7 +76,7 @@ def main(argv=None) -> int:
     import torch
 
     import offloadkit
-    from offloadkit.plans.plan import format_bytes
+    from offloadkit.units import format_bytes
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()

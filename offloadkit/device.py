@@ -56,10 +56,6 @@ class Device(str):
     def index(self) -> int | None:
         return None if self.is_auto else int(self.partition(":")[2])
 
-    @property
-    def is_cpu(self) -> bool:
-        return self.type == "cpu"
-
     def __repr__(self) -> str:
         return f"Device({str(self)!r})"
 

@@ -10,11 +10,11 @@ from offloadkit.prediction.activations import (
     CUDA_RUNTIME_OVERHEAD,
     TOLERANCE,
     component_working_memory,
-    stage_working_memory,
     working_memory,
 )
 from offloadkit.errors import DtypeError, ModelSourceError
 from offloadkit.prediction.sizing import architecture_names, build_component
+from offloadkit.plans.stages import STAGES, stage_of
 from offloadkit.testing import tiny_pipeline
 
 GiB, MiB = 2**30, 2**20
@@ -24,6 +24,14 @@ ROLES = {"vae": "decode", "unet": "denoise", "transformer": "denoise"}
 @pytest.fixture(scope="module")
 def tiny():
     return {name: tiny_pipeline(name) for name in ("sd", "sdxl", "sd3")}
+
+
+def stage_working_memory(source, **call) -> dict:
+    """Each stage's working memory: the largest of its models' (they run one after the other)."""
+    stages = dict.fromkeys(STAGES, 0)
+    for name, nbytes in component_working_memory(source, **call).items():
+        stages[stage_of(name)] = max(stages[stage_of(name)], nbytes)
+    return stages
 
 
 def _cases():

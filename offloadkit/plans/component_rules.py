@@ -1,7 +1,7 @@
 """Which rule each model of a pipeline gets, and whether its weights can run it.
 
 Precedence, the quantization settings of the policy, the capability table
-(`compatibility`) and the precision a rule declares (`storage_dtype`, `quantize`):
+(`offloadkit.policy.capabilities`, gated by `library_gates`) and the precision a rule declares (`storage_dtype`, `quantize`):
 everything about one model's rule that `resolve` needs before it builds the chain.
 """
 

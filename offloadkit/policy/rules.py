@@ -32,6 +32,7 @@ from typing import ClassVar, Literal
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 HOME_DEVICE = "device"  # `home` of a rule whose weights stay on the execution device
+HOST, DISK = "host", "disk"  # the tiers weights are held in off the device (`weights_tier`)
 
 # Precision keys are left out of a plan's options when unset, so plans of policies without them do not change.
 PRECISION_KEYS = ("storage_dtype", "compute_dtype", "quantize", "quantize_with")
@@ -47,7 +48,7 @@ class StrategyRule(BaseModel):
     managed: ClassVar[bool] = True
     home: ClassVar[str] = "cpu"
     runs_on_device: ClassVar[bool] = True
-    weights_tier: ClassVar[str | None] = "host"  # "host", "disk", or None (on the device, or not managed)
+    weights_tier: ClassVar[str | None] = HOST  # HOST, DISK, or None (on the device, or not managed)
     synthesis_rank: ClassVar[int | None] = None  # searched by synthesis in this order (cheapest to run first)
 
     @classmethod
@@ -322,7 +323,7 @@ class DiskRule(PrecisionRule):
     )
 
     home: ClassVar[str] = "meta (disk)"
-    weights_tier: ClassVar[str | None] = "disk"
+    weights_tier: ClassVar[str | None] = DISK
 
     @model_validator(mode="after")
     def _block_streaming_keeps_buffers(self):

@@ -3,14 +3,14 @@
 The planner needs, before anything is loaded, the device memory a pipeline call takes on
 top of the weights that are resident. This module predicts the peak bytes of the tensors a
 component creates during ONE inference forward (``torch.no_grad``) at a given resolution,
-batch and dtype: ``working_memory`` for one model, ``stage_working_memory`` for the three
-stages of a pipeline (``encode``: text/image encoders; ``denoise``: UNet/transformer and
-ControlNet, one denoiser call; ``decode``: the VAE's ``decode``).
+batch and dtype: ``working_memory`` for one model, ``component_working_memory`` for every
+model of a pipeline, each in the stage it runs in (``encode``: text/image encoders;
+``denoise``: UNet/transformer and ControlNet, one denoiser call; ``decode``: the VAE's ``decode``).
 
->>> from offloadkit.activations import stage_working_memory
->>> stages = stage_working_memory("sdxl", height=1024, width=1024, batch=1, dtype="fp16", guidance=True)
->>> sorted(stages)
-['decode', 'denoise', 'encode']
+>>> from offloadkit.prediction.activations import component_working_memory
+>>> per_model = component_working_memory("sdxl", height=1024, width=1024, batch=1, dtype="fp16", guidance=True)
+>>> sorted(per_model)
+['text_encoder', 'text_encoder_2', 'unet', 'vae']
 
 How. It works from a model built on ``meta`` (or a loaded one, or a config), so nothing runs:
 for each family the peak is a small formula over the largest intermediate tensors that
@@ -63,7 +63,7 @@ pipeline): 512; UMT5 in Wan 2.1: 512. ``text_tokens=`` overrides.
 Dtype. Estimates scale with the element size (fp16/bf16 = half of fp32; on CPU the tiny
 models' measured bf16 peaks are exactly half their fp32 peaks). SDXL's pipeline
 upcasts an fp16 VAE to fp32 for decoding when the VAE config says ``force_upcast`` (the
-others do not), so ``stage_working_memory`` decodes SDXL in fp32 at ``dtype="fp16"``.
+others do not), so ``component_working_memory`` decodes SDXL's VAE in fp32 at ``dtype="fp16"``.
 
 What is counted: every tensor storage created by an aten op during the forward (outputs,
 intermediates, the output of the forward itself), from its creation until it is freed, at
@@ -264,15 +264,6 @@ _ROLES = {"unet": "denoise", "sd3": "denoise", "flux": "denoise", "wan": "denois
           "vae": "decode", "wan_vae": "decode", "clip": "encode", "t5": "encode"}
 
 
-def model_family(module_or_config) -> str | None:
-    """The formula family of a model (``"unet"``, ``"vae"``, ``"clip"``, ...), or None when there is none.
-
-    >>> model_family(("AutoencoderKL", {}))
-    'vae'
-    """
-    return _FAMILIES.get(_describe(module_or_config).class_name)
-
-
 def working_memory(module_or_config, *, role: str, height: int, width: int, batch: int = 1, dtype="fp16",
                    guidance: bool = True, num_frames: int | None = None, text_tokens: int | None = None,
                    latent_scale: int | None = None) -> int:
@@ -286,7 +277,7 @@ def working_memory(module_or_config, *, role: str, height: int, width: int, batc
     `text_tokens`: overrides the pipeline default text length; `latent_scale`: pixels per latent
     for denoisers (default 8; the VAE's ``2 ** (len(block_out_channels) - 1)``).
 
-    >>> from offloadkit.sizing import build_component
+    >>> from offloadkit.prediction.sizing import build_component
     >>> vae = build_component("sdxl", "vae")
     >>> working_memory(vae, role="decode", height=1024, width=1024, dtype="fp32") > 2 * 2**30
     True
@@ -387,7 +378,7 @@ def component_working_memory(source, *, height: int, width: int, batch: int = 1,
     for name, model in models.items():
         family = _FAMILIES[model.class_name]
         role = _ROLES[family]
-        if stage_of(name) != role:
+        if stage_of(name, model.class_name) != role:
             continue  # a model in an unexpected slot: no formula for that use
         component_dtype, tokens = dtype, None
         if family == "t5":
@@ -399,23 +390,3 @@ def component_working_memory(source, *, height: int, width: int, batch: int = 1,
                                      text_tokens=tokens, latent_scale=scale)
     return found
 
-
-def stage_working_memory(source, *, height: int, width: int, batch: int = 1, dtype="fp16", guidance: bool = True,
-                         num_frames: int | None = None) -> dict[str, int]:
-    """Estimated working memory of each stage of a pipeline call: ``{"encode", "denoise", "decode"} -> bytes``.
-
-    Each stage is the largest `component_working_memory` of its models (they run one after the
-    other); a stage with no model is 0.
-
-    >>> stages = stage_working_memory("wan21-t2v-1.3b", height=480, width=832, batch=1, dtype="bf16",
-    ...                               guidance=True, num_frames=81)
-    >>> stages["denoise"] < stages["decode"]
-    True
-    """
-    stages = dict.fromkeys(STAGES, 0)
-    per_model = component_working_memory(source, height=height, width=width, batch=batch, dtype=dtype,
-                                         guidance=guidance, num_frames=num_frames)
-    for name, nbytes in per_model.items():
-        stage = stage_of(name)
-        stages[stage] = max(stages[stage], nbytes)
-    return stages

@@ -30,7 +30,7 @@ from ..errors import UnknownComponentError
 from ..plans import precision
 from ..plans.plan import Plan
 from ..plans.stages import STAGES
-from ..policy.rules import HOME_DEVICE
+from ..policy.rules import DISK, HOME_DEVICE, HOST
 from ..tensor_bytes import module_bytes, planned_sizes
 from ..units import format_bytes
 from .schedule import CallSchedule, CallSettings
@@ -195,9 +195,9 @@ class _Replay:
         host = disk = 0
         for c in self.plan.components:
             size = c.bytes or 0
-            if c.rule.weights_tier == "disk":
+            if c.rule.weights_tier == DISK:
                 disk += size
-            elif c.rule.weights_tier == "host" and (not c.rule.chained or c.rule.host_copy_while_on_device
+            elif c.rule.weights_tier == HOST and (not c.rule.chained or c.rule.host_copy_while_on_device
                                                     or c.name not in self.resident):
                 host += size
         return host, disk
@@ -349,7 +349,7 @@ def _bandwidths(plan: Plan, streams: dict, hardware):
         if action == "offload":
             return (nbytes / d2h if rule.offload_copies_back else 0.0), False
         profile = streams[name]  # a `stream` event
-        if profile.source == "disk":
+        if profile.source == DISK:
             return nbytes / hardware.disk_read + nbytes / pageable, False
         return nbytes / (pinned if profile.pinned else pageable), profile.overlapped
 
@@ -359,7 +359,7 @@ def _bandwidths(plan: Plan, streams: dict, hardware):
 def predict(source, policy, *, hardware=None, settings: CallSettings | None = None, device=None) -> Prediction:
     """Predict one call of a pipeline under `policy`, before loading any weights.
 
-    `source` is a built-in architecture name (`offloadkit.sizing.architecture_names()`), a model
+    `source` is a built-in architecture name (`offloadkit.prediction.sizing.architecture_names()`), a model
     folder (model_index.json + configs), or a loaded pipeline. `hardware` is a profile (name,
     path or `HardwareProfile`) for times and the runtime overhead; `settings` the call's size.
 

@@ -53,10 +53,6 @@ class ComponentSize:
     largest_layer: str  # the module whose own tensors are the largest: what sequential offload moves at once
     largest_layer_bytes: int
 
-    @property
-    def largest_group(self) -> GroupSize | None:
-        return max(self.groups, key=lambda g: g.bytes, default=None)
-
 
 # --------------------------------------------------------------------------
 # Sources

@@ -29,7 +29,7 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..policy.rules import DiskRule, GroupRule, SequentialRule, StrategyRule
+from ..policy.rules import DISK, HOST, DiskRule, GroupRule, SequentialRule, StrategyRule
 from ..tensor_bytes import tensor_bytes
 from .sizing import size_module
 
@@ -48,7 +48,7 @@ class StreamProfile:
     per_forward: int
     peak: int
     pieces: int
-    source: str = "host"
+    source: str = HOST
     pinned: bool = False
     overlapped: bool = False
 
@@ -176,7 +176,7 @@ def _layer_or_block_profile(module, rule) -> StreamProfile:
 
 def _disk_profile(module, rule: DiskRule) -> StreamProfile:
     profile = _layer_or_block_profile(module, rule)
-    return StreamProfile(profile.per_forward, profile.peak, profile.pieces, source="disk")
+    return StreamProfile(profile.per_forward, profile.peak, profile.pieces, source=DISK)
 
 
 def disk_allocator_note() -> str | None:
