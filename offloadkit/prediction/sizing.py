@@ -4,7 +4,7 @@ The models are built on the ``meta`` device from their configs (nothing is alloc
 nothing is downloaded) and measured with Accelerate's ``compute_module_sizes``. Sources:
 
 * a built-in architecture name (``architecture_names()``: ``"sdxl"``, ``"flux1-dev"``, ...),
-  whose configs ship in ``offloadkit/architectures/<name>/``;
+  whose configs ship in ``offloadkit/prediction/architectures/<name>/``;
 * a local model folder laid out as diffusers downloads one (``model_index.json`` plus
   ``<component>/config.json``; weights are not needed);
 * a loaded pipeline (its real modules are measured as they are).
