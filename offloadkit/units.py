@@ -176,11 +176,16 @@ def dtype_name(value, *, allowed=WEIGHT_DTYPES) -> str:
 
     Raises `DtypeError` for a name that is not one of `allowed`.
     """
-    text = str(value).removeprefix("torch.").lower()
+    text = torch_dtype_name(value).lower()
     canonical = _DTYPE_ALIASES.get(text, text)
     if canonical not in allowed:
         raise DtypeError(f"unknown dtype {value!r}. Use one of: fp32, fp16, bf16 (or float32, float16, bfloat16)")
     return canonical
+
+
+def torch_dtype_name(dtype) -> str:
+    """torch's name of a torch dtype, without checking it: `torch.float16` -> `float16`."""
+    return str(dtype).removeprefix("torch.")
 
 
 def dtype_size(value) -> int:

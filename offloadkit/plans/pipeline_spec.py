@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 
 from ..errors import PipelineError, did_you_mean
 from ..tensor_bytes import module_bytes
+from ..units import torch_dtype_name
 from .quantization import detect
 from .stages import stage_of
 
@@ -71,7 +72,7 @@ def main_dtype(module) -> str | None:
     for tensor in module.parameters():
         if tensor.is_floating_point():
             counts[tensor.dtype] = counts.get(tensor.dtype, 0) + tensor.numel()
-    return str(max(counts, key=counts.get)).removeprefix("torch.") if counts else None
+    return torch_dtype_name(max(counts, key=counts.get)) if counts else None
 
 
 def spec_from_pipeline(pipe) -> PipelineSpec:

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..policy.backends import BACKENDS
+from ..units import torch_dtype_name
 
 @dataclass(frozen=True)
 class Quantization:
@@ -52,7 +53,7 @@ def _layerwise_storage(module) -> str | None:
         get_hook = getattr(registry, "get_hook", None)
         hook = get_hook("layerwise_casting") if get_hook is not None else None
         if hook is not None:
-            return str(hook.storage_dtype).removeprefix("torch.")
+            return torch_dtype_name(hook.storage_dtype)
     return None
 
 

@@ -351,7 +351,7 @@ def decodes_upcast(pipeline_class: str, vae_config: dict, dtype) -> bool:
     from .schedule import pipeline_family
 
     return (pipeline_family(pipeline_class) == "sdxl" and bool(vae_config.get("force_upcast"))
-            and str(dtype).lower().removeprefix("torch.") in ("fp16", "float16", "half"))
+            and dtype_name(dtype) == "float16")
 
 
 def component_working_memory(source, *, height: int, width: int, batch: int = 1, dtype="fp16",

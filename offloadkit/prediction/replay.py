@@ -32,7 +32,7 @@ from ..plans.plan import Plan
 from ..plans.stages import STAGES
 from ..policy.rules import DISK, HOME_DEVICE, HOST
 from ..tensor_bytes import module_bytes, planned_sizes
-from ..units import format_bytes
+from ..units import format_bytes, torch_dtype_name
 from .schedule import CallSchedule, CallSettings
 from .stream_profiles import StreamProfile, stream_note, stream_profile
 
@@ -496,5 +496,5 @@ def _working_memory(source, class_name: str, modules, settings: CallSettings, de
 def _dtype_of(module) -> str:
     for tensor in module.parameters():
         if tensor.is_floating_point():
-            return str(tensor.dtype).removeprefix("torch.")
+            return torch_dtype_name(tensor.dtype)
     return "float32"

@@ -22,7 +22,7 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..units import DTYPES
+from ..units import DTYPES, torch_dtype_name
 
 FILE_NAME = "weights.safetensors"
 PAGE = mmap.PAGESIZE
@@ -74,7 +74,7 @@ def write_aligned(tensors: dict, path: Path) -> None:
     entries, offset, pads = {}, 0, 0
     for key in sorted(tensors):
         tensor = tensors[key]
-        dtype = _DTYPE_NAMES.get(str(tensor.dtype).replace("torch.", ""))
+        dtype = _DTYPE_NAMES.get(torch_dtype_name(tensor.dtype))
         if dtype is None:
             raise ValueError(f"cannot store {key!r}: dtype {tensor.dtype} has no safetensors name")
         aligned = _round_up(offset)
