@@ -33,15 +33,13 @@ class Device(str):
         if isinstance(text, cls):
             return text
         text = str(text)
-        kind, _, index = text.partition(":")
-        if text != AUTO and (kind not in DEVICE_TYPES or (index and not index.isdigit())
-                             or (":" in text and not index)):
+        if text == AUTO:
+            return cls(text)
+        kind, colon, index = text.partition(":")
+        if kind not in DEVICE_TYPES or (colon and not index.isdigit()):
             raise DeviceError(f"invalid device {text!r}. Use 'auto', 'cpu', or an accelerator such as 'cuda' or "
                               "'cuda:1'")
-        if kind == AUTO and index:
-            raise DeviceError(f"invalid device {text!r}. Use 'auto', 'cpu', or an accelerator such as 'cuda' or "
-                              "'cuda:1'")
-        return cls(text if text == AUTO else f"{kind}:{int(index or 0)}")
+        return cls(f"{kind}:{int(index or 0)}")
 
     @property
     def is_auto(self) -> bool:

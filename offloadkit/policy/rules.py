@@ -87,13 +87,14 @@ class StrategyRule(BaseModel):
         return False
 
     @property
-    def offload_copies_back(self) -> bool:
-        return True
-
-    @property
     def host_copy_while_on_device(self) -> bool:
         """Whether host RAM still holds the weights while they are on the device."""
         return False
+
+    @property
+    def offload_copies_back(self) -> bool:
+        """Whether an offload copies the weights back (without a kept host copy, it must)."""
+        return not self.host_copy_while_on_device
 
     @property
     def precision_change(self) -> bool:
@@ -223,10 +224,6 @@ class ModelRule(PrecisionRule):
     @property
     def onload_pinned(self) -> bool:
         return self.transfer == "pinned"
-
-    @property
-    def offload_copies_back(self) -> bool:
-        return self.transfer == "standard"  # copy-free and pinned drop the device copy
 
     @property
     def host_copy_while_on_device(self) -> bool:
