@@ -80,3 +80,27 @@ def empty_cache(device) -> None:
     module = getattr(torch, device.type, None)
     if device.type != "cpu" and module is not None and hasattr(module, "empty_cache"):
         module.empty_cache()
+
+
+def device_memory(device) -> tuple[int | None, int | None]:
+    """(free, total) bytes of a CUDA device now; (None, None) for other devices."""
+    import torch
+
+    if device.type != "cuda":
+        return None, None
+    free, total = torch.cuda.mem_get_info(device)
+    return int(free), int(total)
+
+
+def host_ram() -> int | None:
+    """Bytes of this machine's RAM, where the platform says; None where it does not."""
+    import os
+
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        try:
+            import psutil
+        except ImportError:
+            return None
+        return int(psutil.virtual_memory().total)

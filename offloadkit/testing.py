@@ -55,11 +55,12 @@ __all__ = [
     "tiny_controlnet_pipeline",
     "tiny_pipeline",
     "tiny_sd3_pipeline",
+    "tiny_flux_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
 ]
 
-TINY_PIPELINES = ("sd", "sdxl", "sd3", "controlnet")
+TINY_PIPELINES = ("sd", "sdxl", "sd3", "controlnet", "flux")
 
 # Shared sizes. The token budget is small to keep the text encoders cheap, but
 # large enough that the demo prompt (one token per character) is not truncated.
@@ -527,11 +528,50 @@ def tiny_controlnet_pipeline(*, seed: int = 0):
     return _finish(pipe)
 
 
+def tiny_flux_pipeline(*, seed: int = 0):
+    """A tiny ``FluxPipeline``: CLIP and T5 text encoders, a transformer of 2 double- and 4 single-stream blocks."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, FluxTransformer2DModel
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = _clip_tokenizer()
+    text_encoder = _clip_text_encoder(tokenizer, seed, hidden_size=16, with_projection=False)
+    tokenizer_2 = _t5_tokenizer()
+    t5_config = T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                         relative_attention_num_buckets=8, pad_token_id=tokenizer_2.pad_token_id,
+                         eos_token_id=tokenizer_2.eos_token_id)
+    with _seeded(seed + 2):
+        text_encoder_2 = _ready(T5EncoderModel(t5_config))
+    with _seeded(seed):
+        transformer = FluxTransformer2DModel(
+            patch_size=1,
+            in_channels=_LATENT_CHANNELS * 4,  # latents are packed 2x2
+            num_layers=2,
+            num_single_layers=4,
+            attention_head_dim=8,
+            num_attention_heads=2,
+            joint_attention_dim=32,
+            pooled_projection_dim=16,
+            guidance_embeds=True,  # as FLUX.1-dev
+            axes_dims_rope=(2, 2, 4),
+        )
+    pipe = FluxPipeline(
+        scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0),
+        vae=_vae(seed, use_quant_conv=False, use_post_quant_conv=False, scaling_factor=0.3611, shift_factor=0.1159),
+        text_encoder=text_encoder,
+        tokenizer=tokenizer,
+        text_encoder_2=text_encoder_2,
+        tokenizer_2=tokenizer_2,
+        transformer=_ready(transformer),
+    )
+    return _finish(pipe)
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "sd": tiny_sd_pipeline,
     "sdxl": tiny_sdxl_pipeline,
     "sd3": tiny_sd3_pipeline,
     "controlnet": tiny_controlnet_pipeline,
+    "flux": tiny_flux_pipeline,
 }
 
 
@@ -551,7 +591,7 @@ def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
     Each call returns a fresh, freshly seeded generator, so the same kwargs
     recipe can be used for a reference run and a run under test.
     """
-    from diffusers import StableDiffusion3Pipeline, StableDiffusionControlNetPipeline
+    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline
 
     kwargs: dict[str, Any] = {
         "prompt": _CALL_PROMPT,
@@ -564,10 +604,12 @@ def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
         "generator": torch.Generator("cpu").manual_seed(seed),
         "output_type": "np",
     }
-    if isinstance(pipe, StableDiffusion3Pipeline):
+    if isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline)):
         # Length of the T5 part of the sequence (zeros without T5); the default
         # 256 only slows the tiny transformer down.
         kwargs["max_sequence_length"] = _MAX_TOKENS
+    if isinstance(pipe, FluxPipeline):
+        kwargs["guidance_scale"] = 3.5  # FLUX.1-dev's distilled guidance: an input of the transformer, no CFG
     if isinstance(pipe, StableDiffusionControlNetPipeline):
         # Control images are RGB in [0, 1] at the output pixel size.
         control_generator = torch.Generator("cpu").manual_seed(seed)

@@ -19,7 +19,7 @@ import math
 import re
 from typing import Annotated
 
-from pydantic import BeforeValidator, WithJsonSchema
+from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
 
 from .errors import DtypeError
 
@@ -146,10 +146,58 @@ def format_rate(value: int, unit: str, parse, largest: int = 12) -> str:
     return str(value)
 
 
+# --- shares: a size or a percentage of something known later (the device, host RAM) -----------
+
+PERCENT_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*%\s*$"
+
+
+def parse_share(value) -> tuple[str, float]:
+    """`"40%"` -> ("fraction", 0.4); `"6GiB"` or 6442450944 -> ("bytes", 6442450944). Anything else refused."""
+    if isinstance(value, str) and value.strip().endswith("%"):
+        match = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$", value)
+        if not match or float(match.group(1)) > 100:
+            raise ValueError(f"cannot read {value!r} as a percentage. Write e.g. '40%' (0 to 100)")
+        return "fraction", float(match.group(1)) / 100
+    try:
+        return "bytes", parse_bytes(value)
+    except ValueError:
+        raise ValueError(f"cannot read {value!r} as a size or a percentage. Write e.g. '6GiB' or '40%'") from None
+
+
+def share_bytes(value, whole: int) -> int:
+    """The bytes a share stands for, out of `whole` bytes."""
+    kind, amount = parse_share(value)
+    return int(whole * amount) if kind == "fraction" else int(amount)
+
+
+def _checked_share(value):
+    parse_share(value)
+    return value
+
+
+def _auto_or_share(value):
+    if value == "auto":
+        return value
+    if isinstance(value, bool):
+        raise ValueError(f"expected `auto`, a size such as '8GiB' or a percentage such as '40%', not {value!r}")
+    try:
+        return _checked_share(value)
+    except ValueError:
+        raise ValueError(f"cannot read {value!r}. Write `auto`, a size such as '8GiB' or a percentage such as "
+                         "'40%'") from None
+
+
 # --- the pydantic field types --------------------------------------------------------------------
 
 Size = Annotated[int, BeforeValidator(parse_bytes), WithJsonSchema(
     {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": BYTES_PATTERN}]})]
+# A size or a percentage, kept as written (what it stands for is known only later: see `share_bytes`).
+Share = Annotated[int | str, AfterValidator(_checked_share), WithJsonSchema(
+    {"anyOf": [{"type": "integer", "minimum": 1}, {"type": "string", "pattern": BYTES_PATTERN},
+               {"type": "string", "pattern": PERCENT_PATTERN}]})]
+AutoOrShare = Annotated[int | str, BeforeValidator(_auto_or_share), WithJsonSchema(
+    {"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 1}, {"type": "string", "pattern": BYTES_PATTERN},
+               {"type": "string", "pattern": PERCENT_PATTERN}]})]
 Bandwidth = Annotated[int, BeforeValidator(parse_bandwidth), WithJsonSchema(
     {"anyOf": [{"type": "number", "exclusiveMinimum": 0}, {"type": "string", "pattern": BANDWIDTH_PATTERN}]})]
 Compute = Annotated[int, BeforeValidator(parse_compute), WithJsonSchema(

@@ -98,7 +98,7 @@ def test_schema_describes_the_policy():
     assert schema["additionalProperties"] is False
     assert schema["required"] == ["version"]
     assert set(schema["properties"]) == {"version", "name", "description", "extends", "device", "sequence",
-                                         "exclude", "components", "quantization", "budget"}
+                                         "exclude", "components", "quantization", "budget", "pinned_memory"}
 
 
 def test_list_shows_builtins(capsys):

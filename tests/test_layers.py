@@ -89,7 +89,7 @@ def test_every_rule_has_an_installer_and_registration_checks_itself():
         register_installer(Unregistered, lambda *args: None)
     with pytest.raises(ValueError, match="two installers"):
         register_installer(RULES["model"], lambda *args: None)
-    assert "unregistered" not in RULES and "stream" not in RULES
+    assert "unregistered" not in RULES and "Stream" not in RULES
 
 
 def test_a_rule_without_an_installer_is_found(monkeypatch):

@@ -31,9 +31,20 @@ POLICIES = {
     "int8": {"version": 1, "components": {
         "DENOISER": {"strategy": "sequential", "quantize": "int8", "quantize_with": "torchao"},
         "text_encoder_2": {"strategy": "model", "quantize": "int8", "quantize_with": "quanto"}}},
+    # resident blocks plus a stream of the rest, at several counts, prefetch depths and weight formats
+    "stream-none": {"version": 1, "components": {"DENOISER": {"strategy": "stream", "resident": 0}}},
+    "stream-spread": {"version": 1, "components": {"DENOISER": {"strategy": "stream", "resident": 1, "prefetch": 2}}},
+    "stream-budget": {"version": 1, "budget": {"device_memory": "280KiB"},
+                      "components": {"DENOISER": {"strategy": "stream", "placement": "last"}}},
+    "stream-int8": {"version": 1, "components": {
+        "DENOISER": {"strategy": "stream", "resident": "50%", "quantize": "int8", "quantize_with": "torchao"},
+        "text_encoder": {"strategy": "stream", "blocks": ["encoder.layers"], "resident": 0}}},
+    "stream-disk": {"version": 1, "components": {
+        "DENOISER": {"strategy": "stream", "resident": 1, "from": "disk", "keep_on_device": True}}},
 }
 CASES = [("sdxl", name) for name in POLICIES] + [
-    (pipeline, name) for pipeline in ("sd3", "controlnet") for name in ("diffusers-default", "mixed", "prefetch")]
+    (pipeline, name) for pipeline in ("sd3", "controlnet") for name in ("diffusers-default", "mixed", "prefetch")] + [
+    ("sd3", "stream-none"), ("sd3", "stream-spread")]
 
 
 def _policy(name, pipe):

@@ -32,11 +32,14 @@ from quantized import REAL_BACKENDS, mark, needs, quantize
 RULES = {
     "model": {"strategy": "model"},
     "model-copy-free": {"strategy": "model", "transfer": "copy-free"},
+    "model-copy-free-prefetch": {"strategy": "model", "transfer": "copy-free", "prefetch": True},
     "group-block": {"strategy": "group"},
     "group-leaf": {"strategy": "group", "offload_type": "leaf_level"},
     "sequential": {"strategy": "sequential"},
     "disk": {"strategy": "disk"},
     "resident": {"strategy": "resident"},
+    "stream": {"strategy": "stream", "resident": 1},
+    "stream-disk": {"strategy": "stream", "resident": 0, "from": "disk"},
 }
 
 
@@ -107,7 +110,7 @@ def test_accelerate_counts_torchao_and_quanto_at_their_float_size_offloadkit_doe
 
 @pytest.mark.parametrize("backend", ["torchao", "quanto"])
 def test_assigning_param_data_leaves_a_wrapper_subclass_unchanged(backend):
-    """Why `transfer: copy-free`/`pinned` (which assign `.data`) are refused for torchao and quanto weights."""
+    """Why copy-free and pinned transfers move torchao and quanto weights by their inner tensors, not `.data`."""
     first, second = (quantize(torch.nn.Sequential(torch.nn.Linear(64, 32)), backend)[0] for _ in range(2))
     x = torch.randn(2, 64)
     with torch.no_grad():
@@ -147,8 +150,10 @@ def test_allowed_strategies_give_the_outputs_of_the_quantized_pipeline_without_o
     assert handle.plan.component("unet").strategy == rule["strategy"]
     assert_same_images(run(pipe), reference)
     assert_same_images(run(pipe), reference)
-    if rule["strategy"] in ("sequential", "disk"):  # these really move on the CPU: weights are on meta between uses
+    if rule["strategy"] in ("sequential", "disk"):  # these really move on the CPU: meta between uses
         assert any(p.device.type == "meta" for p in pipe.unet.parameters())
+    if rule["strategy"] == "stream":  # it computed from its pool: bytes streamed
+        assert handle.trace.calls_summary()[-1].streams["unet"]["bytes"] > 0
     handle.remove()
     assert_same_images(run(pipe), reference)
     assert spec_from_pipeline(pipe).get("unet").quantization == backend
@@ -204,7 +209,8 @@ def test_the_table_covers_every_backend_and_strategy_and_prints():
     rows = dict(offloadkit.policy.capabilities.capability_rows())
     assert rows["quanto"]["group"] == "no" and rows["torchao"]["group"].startswith("yes, except with a diffusers")
     assert rows["gguf"]["group"] == "yes" and rows["bnb_8bit"]["group"] == "no"
-    assert rows["bnb_4bit"]["model"].startswith("yes, except transfer: copy-free")
+    assert rows["bnb_4bit"]["model"] == "yes" and rows["torchao"]["model"] == "yes"  # lifted by packed moves
+    assert all(cells["stream"] == "yes" for cells in rows.values())
     assert all(list(cells) == list(RULE_CLASSES) for cells in rows.values())
 
 
@@ -224,13 +230,19 @@ def test_auto_replaces_a_strategy_the_backend_cannot_run_and_says_so():
                                "quantization": {"bnb_4bit": "offload"}}, device="cpu")
 
 
-def test_auto_drops_a_data_swapping_transfer_only():
-    pipe = tiny_pipeline("sd")
-    mark(pipe.unet, "torchao")
+@pytest.mark.parametrize("backend", ["torchao", "quanto", "bnb_8bit", "bnb_4bit"])
+def test_copy_free_transfers_are_kept_for_quantized_weights_and_move_them_packed(backend):
+    """Once refused (`.data` cannot move wrapper tensors or bitsandbytes' state): now packed, one buffer."""
+    from offloadkit.runtime.transfers import PackedCopy
+
+    pipe = quantized_sd(backend)
     policy = {"version": 1, "components": {"*": {"strategy": "model", "transfer": "copy-free"}}}
     plan = offloadkit.plan(pipe, policy, device="cpu")
-    assert plan.component("unet").options["transfer"] == "standard"
-    assert plan.component("vae").options["transfer"] == "copy-free"
+    assert plan.component("unet").options["transfer"] == "copy-free"
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    assert isinstance(handle.residency("unet").host_copy, PackedCopy)
+    assert not isinstance(handle.residency("vae").host_copy, PackedCopy)  # plain weights: as before
+    handle.remove()
 
 
 def test_a_backend_rule_gives_the_strategy_and_a_component_rule_overrides_it():
@@ -255,9 +267,8 @@ def test_a_backend_rule_that_can_never_run_is_refused_when_the_policy_is_loaded(
     with pytest.raises(PolicyError, match="quantization.quanto: quanto models cannot use strategy 'group': .*Use "
                                           "'model'"):
         offloadkit.load({"version": 1, "quantization": {"quanto": {"strategy": "group"}}})
-    with pytest.raises(PolicyError, match="quantization.bnb_4bit: .*with `transfer: copy-free`.*Use the default "
-                                          "transfer \\(remove `transfer`, `prefetch` from the rule\\)"):
-        offloadkit.load({"version": 1, "quantization": {"bnb_4bit": {"strategy": "model", "transfer": "copy-free"}}})
+    # lifted: moved packed, with their quantization state
+    offloadkit.load({"version": 1, "quantization": {"bnb_4bit": {"strategy": "model", "transfer": "copy-free"}}})
     with pytest.raises(PolicyError, match="quantization.gguf: `storage_dtype` changes float weights"):
         offloadkit.load({"version": 1, "quantization": {"gguf": {"strategy": "model", "storage_dtype": "bfloat16"}}})
     # a limit that depends on the installed libraries is checked against the pipeline, at the key

@@ -8,6 +8,7 @@ from ..device import Device
 from ..errors import UnknownComponentError, did_you_mean
 from ..policy.rules import StrategyRule
 from ..units import format_bytes
+from .stream_layout import StreamLayout
 
 END_OF_CALL = "end of call"
 
@@ -33,6 +34,7 @@ class ComponentPlan:
     # How the weights are stored: "float32", "torchao (Int8Tensor)", "float8_e4m3fn (layerwise casting, on apply)"
     weights: str | None = None
     stage: str = field(default="denoise", compare=False)  # plans.stages: where its forward's work belongs
+    stream: StreamLayout | None = field(default=None, compare=False)  # rules with a block layout, when known
 
     @property
     def strategy(self) -> str:
@@ -46,7 +48,8 @@ class ComponentPlan:
     def to_dict(self) -> dict:
         return {"name": self.name, "type_name": self.type_name, "strategy": self.strategy, "home": self.home,
                 "runs_on": self.runs_on, "offloaded_by": self.offloaded_by, "chain_index": self.chain_index,
-                "options": self.options, "bytes": self.bytes, "reason": self.reason, "weights": self.weights}
+                "options": self.options, "bytes": self.bytes, "reason": self.reason, "weights": self.weights,
+                **({"stream": self.stream.to_dict()} if self.stream is not None else {})}
 
 
 @dataclass(frozen=True)

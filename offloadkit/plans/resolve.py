@@ -11,14 +11,20 @@ from ..policy.loading import located_problem
 from ..policy.rules import HOME_DEVICE
 from ..policy.schema import Policy
 from .component_rules import WILDCARD, choose_rule, plan_precision, weights_label
+from ..tensor_bytes import planned_sizes
 from .pipeline_spec import PipelineSpec
+from .precision import planned_tensor_bytes
 from .plan import END_OF_CALL, ComponentPlan, Plan
+from .stream_layout import BlocksNotFound, DeviceRoom, Machine, layout, pinned_bytes
 
 HOST = "cpu"
 
 
-def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
-    """Resolve `policy` for the pipeline `spec` on `device` (e.g. "cuda:0", or `auto` to check names only)."""
+def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None = None) -> Plan:
+    """Resolve `policy` for the pipeline `spec` on `device` (e.g. "cuda:0", or `auto` to check names only).
+
+    `machine`, when known, is what block layouts (`stream`) are chosen for: free device memory and host RAM.
+    """
     device = Device.parse(device)
     problems = []
     models = {c.name: c for c in spec.components if c.is_model and c.present}
@@ -56,12 +62,13 @@ def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
     else:
         excluded = set(policy.exclude)
         exclude_reason = "policy `exclude`"
-    rules, reasons, sizes = {}, {}, {}
+    rules, reasons, sizes, paths = {}, {}, {}, {}
     for name, component in models.items():
         choice = choose_rule(policy, name, component, excluded, exclude_reason, problems)
         if choice is None:
             continue
         rule, reason, path = choice
+        paths[name] = path
         sizes[name] = component.bytes
         if rule.precision_change:
             rule, outcome = plan_precision(name, component, rule, sizes, policy, path, spec.from_instance,
@@ -105,7 +112,7 @@ def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
 
     position = {name: i for i, name in enumerate(sequence)}
     for name in models:
-        if not getattr(rules[name], "prefetch", False) or position.get(name, 0) > 0:
+        if not rules[name].uploads_ahead or position.get(name, 0) > 0:
             continue
         if name in policy.components:
             where = "is first in `sequence`" if name in position else "is not in `sequence`"
@@ -119,10 +126,16 @@ def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
     if problems:
         raise PolicyError(problems)
 
+    layouts = _layouts(policy, models, rules, sizes, paths, device, machine or Machine(), problems)
+    if problems:
+        raise PolicyError(problems)
+
     plans = []
     for name, component in models.items():
         rule = rules[name]
         reason = reasons[name]
+        if name in layouts:
+            reason += f"; {layouts[name].summary()}"
         if rule.chained:
             index = position.get(name)
             if index is None:
@@ -131,7 +144,7 @@ def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
             else:
                 offloaded_by = sequence[index + 1] if index + 1 < len(sequence) else END_OF_CALL
             home, runs_on = HOST, device
-            if getattr(rule, "prefetch", False):
+            if rule.uploads_ahead:
                 reason += f"; prefetched while {sequence[index - 1]} runs"
             if getattr(rule, "keep_on_device", False):
                 offloaded_by = "never (kept after first use)"
@@ -152,6 +165,7 @@ def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
             reason=reason,
             weights=weights_label(component, rule),
             stage=component.stage,
+            stream=layouts.get(name),
         ))
     # Chain members in chain order first, then the others in the pipeline's order.
     plans.sort(key=lambda c: (c.chain_index is None, c.chain_index or 0))
@@ -162,3 +176,30 @@ def resolve(policy: Policy, spec: PipelineSpec, device) -> Plan:
         sequence=tuple(sequence),
         components=tuple(plans),
     )
+
+
+def _layouts(policy, models, rules, sizes, paths, device, machine: Machine, problems) -> dict:
+    """The block layout of every component whose rule has one and whose module is at hand."""
+    kept = {n: sizes[n] or 0 for n, r in rules.items()
+            if r.home == HOME_DEVICE or (r.chained and getattr(r, "keep_on_device", False))}
+    pinned_left = machine.pinned_cap(policy.pinned_memory, device.type)
+    layouts = {}
+    for name, rule in rules.items():
+        module = models[name].module
+        if not rule.block_layout or module is None:
+            continue
+        room = DeviceRoom(budget=policy.budget.device_memory if policy.budget is not None else None,
+                          free=machine.device_free, total=machine.device_total,
+                          others=sum(v for n, v in kept.items() if n != name), device_type=device.type)
+        # sized as the weights will be once the rule's precision change is applied
+        planned = planned_tensor_bytes(module, rule) if rule.precision_change else {}
+        try:
+            with planned_sizes(planned):
+                found = layout(module, rule, room, pinned_left, whole=paths[name][-1] == WILDCARD)
+        except BlocksNotFound as exc:
+            where = (*paths[name], "blocks") if rule.blocks is not None else paths[name]
+            problems.append(located_problem(policy, where, f"{name!r}: {exc}"))
+            continue
+        pinned_left -= pinned_bytes(found)
+        layouts[name] = found
+    return layouts

@@ -7,6 +7,11 @@ backend), or in the source of the libraries involved where the failure needs an
 accelerator to show. Limits that hold only with some library versions name a gate;
 whether a gate holds for what is installed is decided in `offloadkit.plans.library_gates`,
 since asking needs the libraries (this floor imports none).
+
+Lifted: `model` with `transfer: copy-free | pinned` (and `prefetch`) for torchao, quanto and
+bitsandbytes, which move by their inner tensors and side state since `stream` came
+(`runtime/packed_weights.py`); `stream` itself, with `from: host` or `from: disk`, for every
+backend. Each lifted cell is a case of tests/test_quantization.py.
 """
 
 from __future__ import annotations
@@ -16,7 +21,6 @@ from dataclasses import dataclass, field
 from .backends import BACKENDS
 from .rules import RULES, DiskRule, GroupRule, ModelRule, SequentialRule, SkipRule, StrategyRule
 
-_DATA_SWAP = ("copy-free", "pinned")  # `model` transfers that swap `param.data` instead of calling `.to()`
 
 # Gates: the installed libraries a limit depends on (see offloadkit.plans.library_gates).
 BNB_8BIT_STUCK = "bnb_8bit_stuck"
@@ -68,17 +72,11 @@ LIMITS: tuple[Limit, ...] = (
     Limit("bnb_8bit", GroupRule, "diffusers' group offloading assigns `param.data` from a moved copy, which leaves "
           "the 8-bit scales (`SCB`) and the layer's int8 state (`state.CB`) in host memory", (ModelRule,),
           "diffusers' group_offloading.py and bitsandbytes' Linear8bitLt source (needs an accelerator to show)"),
-    Limit("bnb_8bit", ModelRule, "bitsandbytes keeps the 8-bit scales (`SCB`) as an attribute of the weight, which "
-          "swapping `param.data` leaves in host memory", (ModelRule,), "bitsandbytes' Int8Params source (needs an "
-          "accelerator to show)", options={"transfer": _DATA_SWAP}),
     Limit("bnb_8bit", SequentialRule, f"{_STREAMING_REBUILD} 8-bit data without its scales (`SCB` is None in "
           "the forward); and the layer keeps a second reference to its int8 data (`state.CB`), so streaming "
           "would free nothing", (ModelRule,), _ON_CPU),
     Limit("bnb_8bit", DiskRule, "the layer computes from its own reference to the int8 data (`state.CB`), which "
           "outlives the memory-mapped file (the process crashed in MatMul8bitLt)", (ModelRule,), _ON_CPU),
-    Limit("bnb_4bit", ModelRule, "bitsandbytes keeps the 4-bit quantization state (`quant_state`) as an attribute "
-          "of the weight, which swapping `param.data` leaves in host memory", (ModelRule,),
-          "bitsandbytes' Params4bit source (needs an accelerator to show)", options={"transfer": _DATA_SWAP}),
     Limit("bnb_4bit", GroupRule, "diffusers' group offloading assigns `param.data`, which leaves the 4-bit "
           "quantization state (`quant_state`) in host memory", (ModelRule,),
           "on an H100 (tests/test_gpu.py): bitsandbytes' dequantize failed with \"invalid argument to "
@@ -90,10 +88,6 @@ LIMITS: tuple[Limit, ...] = (
     # torchao
     Limit("torchao", DiskRule, "torchao tensor subclasses have no storage of their own to write to safetensors "
           "(\"Attempted to access the data pointer on an invalid python storage\")", (ModelRule, GroupRule), _ON_CPU),
-    Limit("torchao", ModelRule, "assigning `param.data` leaves a torchao tensor subclass unchanged, so a "
-          "data-swapping transfer would never move its inner tensors (`qdata`, `scale`)", (ModelRule, GroupRule),
-          "seen on CPU (tests/test_quantization.py); diffusers' group offloading swaps torchao tensors with "
-          "`torch.utils.swap_tensors` for this reason", options={"transfer": _DATA_SWAP}),
     Limit("torchao", GroupRule, "this diffusers' group offloading assigns `param.data`, which leaves torchao "
           "tensors where they were", (ModelRule,), "diffusers' group_offloading.py, which swaps torchao tensors "
           "since its `_swap_torchao_tensor` (needs an accelerator to show)",
@@ -107,9 +101,6 @@ LIMITS: tuple[Limit, ...] = (
     Limit("quanto", GroupRule, "diffusers' group offloading assigns `param.data`, which leaves a quanto tensor "
           "subclass where it was (weights on the CPU, inputs on the device)", (ModelRule,),
           "diffusers issue #12610 (needs an accelerator to show; the `.data` behaviour is seen on CPU)"),
-    Limit("quanto", ModelRule, "assigning `param.data` leaves a quanto tensor subclass unchanged, so a "
-          "data-swapping transfer would never move its inner tensors", (ModelRule,),
-          "seen on CPU (tests/test_quantization.py)", options={"transfer": _DATA_SWAP}),
     # GGUF
     Limit("gguf", SequentialRule, f"{_STREAMING_REBUILD} a GGUFParameter without its `quant_type` (KeyError: None)",
           (ModelRule, GroupRule), _ON_CPU),

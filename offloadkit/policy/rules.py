@@ -27,9 +27,11 @@ from __future__ import annotations
 
 import re
 import typing
-from typing import ClassVar, Literal
+from typing import Annotated, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
+
+from ..units import BYTES_PATTERN, PERCENT_PATTERN, Share, parse_bytes, parse_share
 
 HOME_DEVICE = "device"  # `home` of a rule whose weights stay on the execution device
 HOST, DISK = "host", "disk"  # the tiers weights are held in off the device (`weights_tier`)
@@ -50,6 +52,7 @@ class StrategyRule(BaseModel):
     runs_on_device: ClassVar[bool] = True
     weights_tier: ClassVar[str | None] = HOST  # HOST, DISK, or None (on the device, or not managed)
     synthesis_rank: ClassVar[int | None] = None  # searched by synthesis in this order (cheapest to run first)
+    block_layout: ClassVar[bool] = False  # the plan lays its blocks out (`plans.stream_layout`)
 
     @classmethod
     def default(cls) -> "StrategyRule":
@@ -69,11 +72,11 @@ class StrategyRule(BaseModel):
 
     def set_options(self) -> dict:
         """The options the rule was written with (not those left at their defaults), `strategy` first."""
-        return {"strategy": self.name, **self.model_dump(exclude_unset=True, exclude={"strategy"})}
+        return {"strategy": self.name, **self.model_dump(exclude_unset=True, exclude={"strategy"}, by_alias=True)}
 
     def options(self) -> dict:
         """The options as a plan shows them (JSON values; precision keys only when set)."""
-        return {k: v for k, v in self.model_dump(exclude={"strategy"}, mode="json").items()
+        return {k: v for k, v in self.model_dump(exclude={"strategy"}, mode="json", by_alias=True).items()
                 if not (k in PRECISION_KEYS and v in (None, "auto"))}
 
     @property
@@ -99,6 +102,11 @@ class StrategyRule(BaseModel):
     @property
     def precision_change(self) -> bool:
         """Whether the rule changes how the weights are stored when the policy is applied."""
+        return False
+
+    @property
+    def uploads_ahead(self) -> bool:
+        """Whether a chained component's upload starts while the model before it in the chain runs."""
         return False
 
     def device_problem(self, device_type: str) -> str | None:
@@ -226,6 +234,10 @@ class ModelRule(PrecisionRule):
         return self.transfer == "pinned"
 
     @property
+    def uploads_ahead(self) -> bool:
+        return self.prefetch
+
+    @property
     def host_copy_while_on_device(self) -> bool:
         return self.transfer != "standard"
 
@@ -332,6 +344,88 @@ class DiskRule(PrecisionRule):
     @property
     def offloaded_by(self) -> str | None:
         return "after each block" if self.granularity == "block" else "after each layer"
+
+
+def _check_resident(value):
+    """`auto`, a block count, a percentage of the blocks, or a size of blocks kept on the device."""
+    if value == "auto" or (isinstance(value, int) and not isinstance(value, bool) and value >= 0):
+        return value
+    if isinstance(value, str) and value.strip().endswith("%"):
+        parse_share(value)
+        return value
+    if isinstance(value, str):
+        try:
+            parse_bytes(value)
+            return value
+        except ValueError:
+            pass
+    raise ValueError(f"cannot read `resident: {value!r}`. Write `auto`, a number of blocks (e.g. 8), a share "
+                     "of them (e.g. '40%') or a size of them (e.g. '6GiB')")
+
+
+@register_rule
+class StreamRule(PrecisionRule):
+    """Keep as many of the model's blocks on the device as fit, and stream the others ahead of compute."""
+
+    strategy: Literal["stream"]
+    blocks: list[str] | None = Field(
+        None, min_length=1,
+        description="Dotted paths of the ModuleLists whose elements are the blocks to stream (or of single "
+        "modules, each a block), e.g. `[transformer_blocks, single_transformer_blocks]`. Default: the model's "
+        "top-level ModuleLists, as diffusers' group offloading finds them. Everything else of the model is "
+        "on the device while it runs.",
+    )
+    resident: Annotated[int | str, BeforeValidator(_check_resident)] = Field(
+        "auto",
+        description="Blocks kept on the device for the whole call: `auto` (as many as fit the policy's "
+        "`budget`, or the device's free memory at apply less `headroom`), a count (`8`), a share of the "
+        "blocks (`40%`) or a size of them (`6GiB`).",
+        json_schema_extra={"anyOf": [{"const": "auto"}, {"type": "integer", "minimum": 0},
+                                     {"type": "string", "pattern": PERCENT_PATTERN},
+                                     {"type": "string", "pattern": BYTES_PATTERN}]},
+    )
+    placement: Literal["spread", "first", "last"] = Field(
+        "spread",
+        description="Which blocks stay resident: `spread` evenly through the model (each resident block's "
+        "compute gives the copies of the next streamed ones time), `first` or `last`.",
+    )
+    prefetch: int = Field(1, ge=1, description="Streamed blocks copied ahead of the one computing (at least "
+                          "1). The device holds this many plus one in a fixed pool of buffers.")
+    keep_on_device: bool = Field(
+        False, description="Keep the rest of the model, its resident blocks and the buffer pool on the device "
+        "across calls (only remove() offloads them), instead of offloading them like a `model` component.")
+    source: Literal["host", "disk"] = Field(
+        "host", alias="from",
+        description="Where streamed blocks are copied from: `host` RAM (pinned where the platform has it, "
+        "up to the policy's `pinned_memory`), or `disk`: memory-mapped files, for machines short of RAM.")
+    folder: str | None = Field(
+        None, description="With `from: disk`: where the files go (default: a temporary folder). Deleted on "
+        "remove().")
+    headroom: Share = Field(
+        "15%", description="With `resident: auto` and no `budget`: device memory kept free for activations "
+        "and other models, a size or a share of the device's memory.")
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    chained: ClassVar[bool] = True
+    block_layout: ClassVar[bool] = True
+
+    @model_validator(mode="after")
+    def _folder_is_for_disk(self):
+        if self.folder is not None and self.source != "disk":
+            raise ValueError("`folder` is where `from: disk` puts its files. Add `from: disk`, or remove `folder`")
+        return self
+
+    @property
+    def weights_tier(self) -> str | None:
+        return DISK if self.source == "disk" else HOST
+
+    @property
+    def host_copy_while_on_device(self) -> bool:
+        return True
+
+    @property
+    def offloaded_by(self) -> str | None:
+        return None
 
 
 @register_rule

@@ -12,7 +12,7 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator
 
 from ..device import DEVICE_PATTERN
-from ..units import Size
+from ..units import AutoOrShare, Size
 from .capabilities import limit_for_any_version
 from .rules import PRECISION_KEYS, RULES, StrategyRule, strategy_names
 
@@ -157,6 +157,13 @@ class Policy(BaseModel):
         description="What to do with quantized components.",
     )
     budget: Budget | None = Field(None, description="Cap on resident weight bytes, checked at run time.")
+    pinned_memory: AutoOrShare = Field(
+        "auto",
+        description="Most host RAM the policy's `stream` components pin (page-locked memory is a resource of "
+        "the whole machine), a size or a share of host RAM. `auto`: half of host RAM on Linux, a quarter on "
+        "Windows (where the driver caps it lower), none where there is no CUDA. Blocks beyond it stream from "
+        "pageable memory; the plan says which.",
+    )
 
     # Where the policy came from, for error messages that point into the file.
     _document: object = PrivateAttr(default=None)

@@ -167,6 +167,7 @@ class _Replay:
         self.components = {c.name: c for c in plan.components}
         self.chained = [c.name for c in plan.components if c.rule.chained]
         self.resident = {c.name: c.bytes or 0 for c in plan.components if c.rule.home == HOME_DEVICE}
+        self.moved = {}  # chained component on the device -> the bytes its onload moved (what offload moves)
         self.events: list = []
         self.call = 0
         self.hook_calls = 0  # of the current call
@@ -195,7 +196,11 @@ class _Replay:
         host = disk = 0
         for c in self.plan.components:
             size = c.bytes or 0
-            if c.rule.weights_tier == DISK:
+            on_disk = self.streams[c.name].disk_bytes if c.name in self.streams else 0
+            if on_disk:  # a chained component streaming from disk: the rest of it is in host RAM
+                disk += on_disk
+                host += size - on_disk
+            elif c.rule.weights_tier == DISK:
                 disk += size
             elif c.rule.weights_tier == HOST and (not c.rule.chained or c.rule.host_copy_while_on_device
                                                     or c.name not in self.resident):
@@ -203,7 +208,20 @@ class _Replay:
         return host, disk
 
     def _offload(self, name):
-        self._record(name, "offload", self.resident.pop(name))
+        held = self.resident.pop(name)
+        self._record(name, "offload", self.moved.pop(name, held))
+
+    def _onload(self, name, action, stage=None):
+        """A chained component comes to the device: (moved, held) are the profile's for `stream`."""
+        c = self.components[name]
+        profile = self.streams.get(name)
+        moved = c.bytes or 0
+        if profile is not None and profile.chained_bytes is not None:
+            moved = profile.chained_bytes
+        self.resident[name] = profile.device_bytes if profile is not None and profile.device_bytes is not None \
+            else moved
+        self.moved[name] = moved
+        self._record(name, action, moved, stage=stage)
 
     def run_call(self, forwards) -> None:
         self.call += 1
@@ -226,16 +244,18 @@ class _Replay:
                     if not getattr(previous.rule, "keep_on_device", False) and previous.name in self.resident:
                         self._offload(previous.name)
                 if name not in self.resident:
-                    self.resident[name] = c.bytes or 0
-                    self._record(name, "onload", c.bytes or 0)
+                    self._onload(name, "onload")
                 self._traced(stage, sum(self.resident.values()))  # the onload, then the forward's start
                 following = sequence[index + 1] if index is not None and index + 1 < len(sequence) else None
-                if following and getattr(self.components[following].rule, "prefetch", False) \
+                if following and self.components[following].rule.uploads_ahead \
                         and following not in self.resident:
-                    self.resident[following] = self.components[following].bytes or 0
-                    self._record(following, "prefetch", self.resident[following], stage=stage)
+                    self._onload(following, "prefetch", stage=stage)
                     self._traced(stage, sum(self.resident.values()))
                 weights = sum(self.resident.values())
+                if name in self.streams:  # and its streamed blocks, through the pool it holds
+                    profile = self.streams[name]
+                    streamed[name] = streamed.get(name, 0) + profile.per_forward
+                    self.hook_calls += profile.pieces
             elif name in self.streams:  # pieces loaded and dropped inside the forward
                 profile: StreamProfile = self.streams[name]
                 streamed[name] = streamed.get(name, 0) + profile.per_forward
@@ -249,7 +269,7 @@ class _Replay:
             if not getattr(self.components[name].rule, "keep_on_device", False) and name in self.resident:
                 self._offload(name)
         for c in self.plan.components:
-            if c.name in streamed:
+            if streamed.get(c.name):
                 self._record(c.name, "stream", streamed[c.name])
 
 
@@ -268,9 +288,9 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
     profiles = {} if profiles is None else profiles
     streams = {}
     for c in plan.components:
-        key = (c.name, repr(c.rule))
+        key = (c.name, repr(c.rule), repr(c.stream))
         if key not in profiles:
-            profiles[key] = stream_profile(modules[c.name], c.rule) if c.name in modules else None
+            profiles[key] = stream_profile(modules[c.name], c.rule, c.stream) if c.name in modules else None
         if profiles[key] is not None:
             streams[c.name] = profiles[key]
     working = dict(working_memory or {})

@@ -29,7 +29,8 @@ import os
 from dataclasses import dataclass
 from typing import Callable
 
-from ..policy.rules import DISK, HOST, DiskRule, GroupRule, SequentialRule, StrategyRule
+from ..plans.stream_layout import resized
+from ..policy.rules import DISK, HOST, DiskRule, GroupRule, SequentialRule, StrategyRule, StreamRule
 from ..tensor_bytes import tensor_bytes
 from .sizing import size_module
 
@@ -51,6 +52,11 @@ class StreamProfile:
     source: str = HOST
     pinned: bool = False
     overlapped: bool = False
+    # For a chained component that also streams (`stream`): what its chain onload moves, what it then holds
+    # on the device (the moved bytes plus the buffer pool), and the bytes of it kept on disk.
+    chained_bytes: int | None = None
+    device_bytes: int | None = None
+    disk_bytes: int = 0
 
 
 def _nbytes(tensors) -> int:
@@ -174,6 +180,16 @@ def _layer_or_block_profile(module, rule) -> StreamProfile:
     return _layer_profile(module, rule.offload_buffers)
 
 
+def _stream_profile(module, rule: StreamRule, layout) -> StreamProfile:
+    # The pool is held from the onload on, so the blocks' loads add nothing to the device count.
+    layout = resized(layout, module, rule)
+    on_disk = layout.source == DISK
+    return StreamProfile(layout.streamed_bytes, 0, len(layout.streamed), source=DISK if on_disk else HOST,
+                         pinned=bool(layout.streamed) and not layout.pageable, overlapped=False,
+                         chained_bytes=layout.core_bytes, device_bytes=layout.device_bytes,
+                         disk_bytes=layout.streamed_bytes if on_disk else 0)
+
+
 def _disk_profile(module, rule: DiskRule) -> StreamProfile:
     profile = _layer_or_block_profile(module, rule)
     return StreamProfile(profile.per_forward, profile.peak, profile.pieces, source=DISK)
@@ -196,7 +212,7 @@ def disk_allocator_note() -> str | None:
 
 @dataclass(frozen=True)
 class _Registered:
-    profile: Callable  # (module, rule) -> StreamProfile
+    profile: Callable  # (module, rule) -> StreamProfile; (module, rule, layout) for rules with a block layout
     note: Callable | None  # () -> a note for predictions of plans with this strategy, or None
 
 
@@ -213,6 +229,7 @@ def register_profile(rule: type[StrategyRule], profile: Callable, note: Callable
 register_profile(SequentialRule, _layer_or_block_profile)
 register_profile(DiskRule, _disk_profile, note=disk_allocator_note)
 register_profile(GroupRule, _group_profile)
+register_profile(StreamRule, _stream_profile)
 
 
 def streams(rule: StrategyRule) -> bool:
@@ -220,7 +237,7 @@ def streams(rule: StrategyRule) -> bool:
     return type(rule) in PROFILES
 
 
-def stream_profile(module, rule: StrategyRule) -> StreamProfile | None:
+def stream_profile(module, rule: StrategyRule, layout=None) -> StreamProfile | None:
     """The stream profile of `module` under a streamed strategy's rule; None for rules that do not stream.
 
     Example::
@@ -228,7 +245,11 @@ def stream_profile(module, rule: StrategyRule) -> StreamProfile | None:
         stream_profile(torch.nn.Linear(4, 4), SequentialRule.default()).per_forward   # 80
     """
     registered = PROFILES.get(type(rule))
-    return registered.profile(module, rule) if registered is not None else None
+    if registered is None:
+        return None
+    if rule.block_layout:
+        return registered.profile(module, rule, layout) if layout is not None else None
+    return registered.profile(module, rule)
 
 
 def stream_note(rule: StrategyRule) -> str | None:

@@ -10,10 +10,11 @@ from __future__ import annotations
 
 import time
 
-from ..accelerator import empty_cache, module_device, resolve_device
+from ..accelerator import device_memory, empty_cache, host_ram, module_device, resolve_device
 from ..plans.pipeline_spec import spec_from_pipeline
 from ..plans.plan import Plan
 from ..plans.resolve import resolve
+from ..plans.stream_layout import Machine
 from ..policy.loading import load
 from ..tensor_bytes import module_bytes
 from .pipeline_class import HANDLE_ATTR, offloaded_class
@@ -27,7 +28,19 @@ def resolved(pipe, policy, device):
     """(policy, device, plan) for a loaded pipeline: the one resolution `plan`, `apply` and `reinstall` share."""
     policy = load(policy)
     target = resolve_device(device if device is not None else policy.device)
-    return policy, target, resolve(policy, spec_from_pipeline(pipe), str(target))
+    spec = spec_from_pipeline(pipe)
+    return policy, target, resolve(policy, spec, str(target), machine=_machine(spec, target))
+
+
+def _machine(spec, device) -> Machine:
+    """This machine as block layouts see it: free device memory counts what the pipeline holds there now."""
+    import platform
+
+    free, total = device_memory(device)
+    if free is not None:
+        free += sum(c.bytes or 0 for c in spec.components
+                    if c.module is not None and getattr(module_device(c.module), "type", None) == device.type)
+    return Machine(device_free=free, device_total=total, host_ram=host_ram(), system=platform.system())
 
 
 class OffloadHandle:
@@ -75,11 +88,18 @@ class OffloadHandle:
     def hook(self, name):
         return self._hooks.get(name)
 
-    def track_residency(self, name, module, keep: bool = False) -> ComponentState:
-        """Start tracking whether a chained component is on the device (offloaded at end of call unless `keep`)."""
+    def track_residency(self, name, module, keep: bool = False, nbytes: int | None = None,
+                        device_bytes: int | None = None) -> ComponentState:
+        """Start tracking whether a chained component is on the device (offloaded at end of call unless `keep`).
+
+        `nbytes`: what its onload moves (default: the component's size); `device_bytes`: what it holds on
+        the device meanwhile, when that differs (a `stream` component's buffer pool).
+        """
         component = self.plan.component(name)
-        nbytes = component.bytes if component.bytes is not None else module_bytes(module)
-        state = self._states[name] = ComponentState(name, component.stage, nbytes, self.trace, keep=keep)
+        if nbytes is None:
+            nbytes = component.bytes if component.bytes is not None else module_bytes(module)
+        state = self._states[name] = ComponentState(name, component.stage, nbytes, self.trace, keep=keep,
+                                                    device_bytes=device_bytes)
         return state
 
     def residency(self, name) -> ComponentState | None:

@@ -96,6 +96,7 @@ class StreamStats:
         self.trace = trace
         self.bytes = 0
         self.seconds = 0.0
+        self.report = None  # () -> more figures for the call's summary, for strategies that have them
 
     def loads(self, load, nbytes: int):
         """`load` wrapped: its duration and `nbytes` counted, the piece counted as on the device."""
@@ -135,6 +136,8 @@ class StreamStats:
                 inner.post_forward = self.drops(inner.post_forward, nbytes)
 
     def flush(self, device) -> None:
+        if self.report is not None:
+            self.trace.stream_report(self.component, {"bytes": self.bytes, **self.report()})
         if self.bytes:
             self.trace.record(self.component, "stream", self.tier, device, self.bytes, self.seconds)
         self.bytes, self.seconds = 0, 0.0

@@ -45,6 +45,9 @@ class CallSummary:
     peak_resident_bytes: int
     stage_peak_bytes: dict
     device_peak_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, else None
+    # per `stream` component: bytes streamed, blocks resident and streamed, exposed_seconds (the time the
+    # compute waited for copies, on CUDA; elsewhere the copies' own time)
+    streams: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -72,6 +75,7 @@ class Trace:
     _call_peak: int = 0
     _stage_peaks: dict = field(default_factory=dict)
     _call_first_event: int = 0  # index of the current call's first event: end_call reads no older ones
+    _call_streams: dict = field(default_factory=dict)
 
     def _set_resident(self, component: str, nbytes: int | None) -> None:
         self.resident_bytes -= self.resident.pop(component, 0)
@@ -85,11 +89,14 @@ class Trace:
         self._check_budget(component)
 
     def record(self, component: str, action: str, source, target, nbytes: int, seconds: float,
-               stage: str | None = None) -> None:
-        """One move. `stage` defaults to the component's own (a prefetch happens during its predecessor's)."""
+               stage: str | None = None, resident: int | None = None) -> None:
+        """One move. `stage` defaults to the component's own (a prefetch happens during its predecessor's).
+
+        `resident`: for an onload, the bytes the component then holds on the device, when not `nbytes`.
+        """
         onload = action in ("onload", "prefetch")
         if onload:
-            self._set_resident(component, nbytes)
+            self._set_resident(component, nbytes if resident is None else resident)
         elif action == "offload":
             self._set_resident(component, None)
         # "stream": the pieces were counted as they came and went (stream_load / stream_drop)
@@ -114,6 +121,10 @@ class Trace:
 
     def stream_drop(self, nbytes: int) -> None:
         self.streaming -= nbytes
+
+    def stream_report(self, component: str, figures: dict) -> None:
+        """A streamed component's figures for this call (in `CallSummary.streams`)."""
+        self._call_streams[component] = dict(figures)
 
     def _peak(self, stage: str, total: int) -> None:
         if total > self._call_peak:
@@ -143,6 +154,7 @@ class Trace:
         self.streaming = 0  # a failed forward may have skipped its drop: each call counts afresh
         self._call_peak = self.resident_bytes
         self._stage_peaks = {}
+        self._call_streams = {}
 
     def end_call(self, device_peak_bytes: int | None = None) -> None:
         events = self.events[self._call_first_event:]
@@ -153,6 +165,7 @@ class Trace:
             peak_resident_bytes=self._call_peak,
             stage_peak_bytes=dict(self._stage_peaks),
             device_peak_bytes=device_peak_bytes,
+            streams=dict(self._call_streams),
         ))
 
     def calls_summary(self) -> list[CallSummary]:

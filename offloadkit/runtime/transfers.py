@@ -96,3 +96,60 @@ class HostCopy:
         for tensor, host in self.entries:
             tensor.data = host.clone() if self.pinned else host
         self.entries = []
+
+
+class PackedCopy:
+    """`HostCopy`'s interface over one `PackedWeights` buffer: for weights `.data` cannot move.
+
+    Quantized weights (torchao and quanto wrapper tensors, bitsandbytes' scales and state) are moved
+    by their inner tensors, in one transfer: the device copy is one allocation, dropped on offload.
+    """
+
+    def __init__(self, packed):
+        self.packed = packed
+        self.pinned = packed.pinned
+        self.pending = None
+        self.device_buffer = None
+
+    def onload(self, device, stream=None) -> None:
+        import torch
+
+        target = torch.empty(self.packed.size, dtype=torch.uint8, device=device)  # on the compute stream
+        if stream is None:
+            self.packed.copy_to(target, non_blocking=self.pinned)
+        else:  # as HostCopy.onload: the side stream waits for queued work, the memory is marked for it
+            stream.wait_stream(torch.cuda.current_stream(device))
+            with torch.cuda.stream(stream):
+                self.packed.copy_to(target, non_blocking=True)
+                target.record_stream(stream)
+                self.pending = torch.cuda.Event()
+                self.pending.record(stream)
+        self.packed.attach(target)
+        self.device_buffer = target
+
+    def wait(self, device) -> None:
+        if self.pending is not None:
+            import torch
+
+            torch.cuda.current_stream(device).wait_event(self.pending)
+            self.pending = None
+
+    def offload(self) -> None:
+        self.pending = None
+        self.packed.detach()
+        self.device_buffer = None
+
+    def release(self) -> None:
+        self.offload()
+        self.packed.unpack()
+
+
+def host_copy(module, pinned: bool):
+    """The host copy a copy-free or pinned `model` transfer keeps: packed where `.data` cannot move the weights."""
+    from .packed_weights import PackedWeights, needs_packing
+
+    if not needs_packing(module):
+        return HostCopy(module, pinned=pinned)
+    tensors = [t for sub in module.modules() for t in (*sub._parameters.values(), *sub._buffers.values())
+               if t is not None]
+    return PackedCopy(PackedWeights(tensors, list(module.modules()), pinned=pinned))

@@ -27,7 +27,7 @@ from accelerate.utils import send_to_device
 from ...accelerator import empty_cache, module_device, same_device
 from ...policy.rules import ModelRule
 from ..compile_safety import compiler_disabled
-from ..transfers import HostCopy
+from ..transfers import host_copy
 from .registry import register_installer
 
 HOST = "cpu"
@@ -36,10 +36,11 @@ HOST = "cpu"
 class ComponentState:
     """Where one chained component is, and its size for the trace."""
 
-    def __init__(self, name: str, stage: str, nbytes: int, trace, keep: bool = False):
+    def __init__(self, name: str, stage: str, nbytes: int, trace, keep: bool = False, device_bytes=None):
         self.name = name
         self.stage = stage
-        self.nbytes = nbytes
+        self.nbytes = nbytes  # what an onload moves
+        self.device_bytes = nbytes if device_bytes is None else device_bytes  # what it holds on the device
         self.trace = trace
         self.keep = keep  # once onloaded, only remove() offloads it
         self.resident = False
@@ -107,7 +108,7 @@ class ChainOffloadHook(CpuOffload):
             module.to(self.execution_device)
         state.resident = True
         state.trace.record(state.name, "onload", HOST, self.execution_device, state.nbytes,
-                           time.perf_counter() - start)
+                           time.perf_counter() - start, resident=state.device_bytes)
         return True
 
     @compiler_disabled
@@ -127,7 +128,7 @@ class ChainOffloadHook(CpuOffload):
         state.resident = True
         # On CUDA the seconds are the host's time queueing the copies; the copies themselves overlap.
         state.trace.record(state.name, "prefetch", HOST, self.execution_device, state.nbytes,
-                           time.perf_counter() - start, stage=during)
+                           time.perf_counter() - start, stage=during, resident=state.device_bytes)
 
 
 def install(handle, name, module, rule, previous):
@@ -139,7 +140,7 @@ def install(handle, name, module, rule, previous):
     if rule.transfer != "standard":
         if state.on_device(module):
             module.to(HOST)
-        state.host_copy = HostCopy(module, pinned=rule.transfer == "pinned")
+        state.host_copy = host_copy(module, pinned=rule.transfer == "pinned")
     hook = ChainOffloadHook(handle.device, previous, state)
     if rule.prefetch and previous is not None:  # the plan leaves the first model of a wildcard rule without one
         hook.stream = handle.prefetch_stream()

@@ -1,0 +1,351 @@
+"""Which blocks of a `stream` component stay on the device, which stream, and from what memory.
+
+Pure: computed from the module tree (loaded, or built on `meta`), the rule and the
+memory the caller knows of, so the plan, the runtime and the planner read the same
+layout. The runtime (`runtime/strategies/stream.py`) installs exactly this layout.
+
+- Blocks: the elements of the ModuleLists named by `blocks:` (a path to any other
+  module makes that module one block), or by default of the model's top-level
+  ModuleLists/Sequentials, as diffusers' group offloading finds them. A tensor a
+  block shares with anything outside it (tied weights) stays with the rest.
+- The rest of the model (embeddings, norms, projections, blocks outside the lists)
+  and the resident blocks move together, as one `model` component would.
+- The streamed blocks share a pool of `prefetch + 1` device buffers, each the size
+  of the largest streamed block.
+- Pinned memory is given to streamed blocks in execution order, up to the share of
+  the policy's `pinned_memory` left to this component; the others stream from
+  pageable memory.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..policy.rules import DISK
+from ..tensor_bytes import tensor_bytes
+from ..units import format_bytes, parse_share, share_bytes
+
+PAGE = 4096  # every block's bytes start on a page in its host and device buffers
+
+
+def aligned(nbytes: int) -> int:
+    return -(-nbytes // PAGE) * PAGE
+
+
+class BlocksNotFound(ValueError):
+    """`blocks:` names nothing streamable, or the model has no ModuleList of blocks."""
+
+
+@dataclass(frozen=True)
+class StreamLayout:
+    """One `stream` component's blocks (path, bytes) in the model's order, and what happens to each."""
+
+    blocks: tuple[tuple[str, int], ...]
+    resident: tuple[str, ...]  # kept on the device while the model is
+    pinned: tuple[str, ...]  # streamed from page-locked host memory (the other streamed ones: pageable)
+    rest_bytes: int  # the model outside its blocks
+    prefetch: int
+    source: str  # "host" or "disk"
+    reason: str
+    core_pinned: bool = False  # the rest and the resident blocks are copied from page-locked memory too
+
+    @property
+    def streamed(self) -> tuple[str, ...]:
+        resident = set(self.resident)
+        return tuple(path for path, _ in self.blocks if path not in resident)
+
+    @property
+    def pageable(self) -> tuple[str, ...]:
+        pinned = set(self.pinned)
+        return tuple(path for path in self.streamed if path not in pinned)
+
+    def bytes_of(self, paths) -> int:
+        sizes = dict(self.blocks)
+        return sum(sizes[p] for p in paths)
+
+    @property
+    def streamed_bytes(self) -> int:
+        """Bytes copied to the device per forward of the model."""
+        return self.bytes_of(self.streamed)
+
+    @property
+    def core_bytes(self) -> int:
+        """Bytes that move with the model as a whole: the rest and the resident blocks."""
+        return self.rest_bytes + self.bytes_of(self.resident)
+
+    @property
+    def slots(self) -> int:
+        return min(self.prefetch + 1, len(self.streamed))
+
+    @property
+    def slot_bytes(self) -> int:
+        return max((aligned(self.bytes_of([p])) for p in self.streamed), default=0)
+
+    @property
+    def pool_bytes(self) -> int:
+        return self.slots * self.slot_bytes
+
+    @property
+    def device_bytes(self) -> int:
+        """Device memory while the model is on the device: the rest, resident blocks and the buffer pool."""
+        return self.core_bytes + self.pool_bytes
+
+    def summary(self) -> str:
+        """One line for the plan: `12 of 57 blocks resident (...); 45 streamed, prefetch 1, pool 0.6 GiB`."""
+        streamed = self.streamed
+        text = f"{len(self.resident)} of {len(self.blocks)} blocks resident ({self.reason})"
+        if streamed:
+            text += (f"; {len(streamed)} streamed ({format_bytes(self.streamed_bytes)} a forward) from "
+                     f"{self._from()}, prefetch {self.prefetch}, pool {self.slots} x "
+                     f"{format_bytes(self.slot_bytes)}")
+        return text
+
+    def _from(self) -> str:
+        if self.source == DISK:
+            return "disk"
+        if not self.pageable:
+            return "pinned RAM"
+        if not self.pinned:
+            return "pageable RAM"
+        return f"pinned RAM ({len(self.pinned)}) and pageable RAM ({len(self.pageable)}: " \
+               f"{', '.join(self.pageable[:3])}{', ...' if len(self.pageable) > 3 else ''})"
+
+    def to_dict(self) -> dict:
+        return {"blocks": len(self.blocks), "resident": list(self.resident), "streamed": list(self.streamed),
+                "pinned": list(self.pinned), "core_bytes": self.core_bytes, "streamed_bytes": self.streamed_bytes,
+                "pool_bytes": self.pool_bytes, "prefetch": self.prefetch, "from": self.source,
+                "reason": self.reason}
+
+
+# --- finding the blocks ----------------------------------------------------------------------------
+
+def find_blocks(module, paths=None) -> list[tuple[str, object]]:
+    """(dotted path, block module) of the blocks, in the model's order. `BlocksNotFound` says why not."""
+    import torch
+
+    lists = (torch.nn.ModuleList, torch.nn.Sequential)
+    if paths is None:
+        found = [(f"{name}.{i}", block) for name, child in module.named_children() if isinstance(child, lists)
+                 for i, block in enumerate(child)]
+        if not found:
+            candidates = [p for p, m in module.named_modules() if p and isinstance(m, lists)]
+            raise BlocksNotFound(f"{type(module).__name__} has no top-level ModuleList of blocks to stream. Name "
+                                 "them with `blocks:`" + (f", e.g. `blocks: [{candidates[0]}]` (its ModuleLists: "
+                                                          f"{', '.join(candidates[:8])})" if candidates else ""))
+        return found
+    from ..errors import did_you_mean
+
+    names = dict(module.named_modules())
+    found, chosen = [], []
+    for path in paths:
+        target = names.get(path) if path else None
+        if target is None:
+            candidates = [p for p, m in names.items() if p and isinstance(m, lists)]
+            raise BlocksNotFound(f"{type(module).__name__} has no submodule {path!r}. "
+                                 + did_you_mean(path, candidates or [p for p in names if p], "ModuleLists"))
+        for other in chosen:
+            if path.startswith(other + ".") or other.startswith(path + "."):
+                raise BlocksNotFound(f"`blocks` names {other!r} and {path!r}, one inside the other. Keep one")
+        if path in chosen:
+            raise BlocksNotFound(f"`blocks` names {path!r} twice")
+        chosen.append(path)
+        if isinstance(target, lists):
+            found += [(f"{path}.{i}", block) for i, block in enumerate(target)]
+        else:
+            found.append((path, target))
+    if not found:
+        raise BlocksNotFound(f"the ModuleLists in `blocks` ({', '.join(paths)}) are empty: there is nothing to "
+                             "stream")
+    return found
+
+
+def _tensors(module):
+    seen = {}
+    for sub in module.modules():
+        for table in (sub._parameters, sub._buffers):
+            for tensor in table.values():
+                if tensor is not None:
+                    seen[id(tensor)] = tensor
+    return seen
+
+
+def block_tensors(module, blocks) -> tuple[dict, dict]:
+    """({block path: {id: tensor}} of tensors only that block holds, {id: tensor} of the rest of the model)."""
+    owners: dict = {}
+    every = _tensors(module)
+    per_block = {}
+    for path, block in blocks:
+        held = _tensors(block)
+        per_block[path] = held
+        for key in held:
+            owners[key] = owners.get(key, 0) + 1
+    inside = {}
+    for path, block in blocks:
+        inside[path] = {k: t for k, t in per_block[path].items() if owners[k] == 1}
+    claimed = {k for held in inside.values() for k in held}
+    # Held twice (by two blocks), or also by the model outside the blocks: stays with the rest.
+    outside_refs = _outside_references(module, blocks)
+    for path in inside:
+        for key in [k for k in inside[path] if k in outside_refs]:
+            del inside[path][key]
+            claimed.discard(key)
+    rest = {k: t for k, t in every.items() if k not in claimed}
+    return inside, rest
+
+
+def _outside_references(module, blocks) -> set:
+    """ids of tensors held by modules that are not inside any block."""
+    inside = {id(m) for _, block in blocks for m in block.modules()}
+    found = set()
+    for sub in module.modules():
+        if id(sub) in inside:
+            continue
+        for table in (sub._parameters, sub._buffers):
+            found.update(id(t) for t in table.values() if t is not None)
+    return found
+
+
+# --- choosing what stays -----------------------------------------------------------------------------
+
+def _spread(count: int, total: int) -> list[int]:
+    """`count` indices out of `total`, evenly through them (the middle of each of `count` equal spans)."""
+    if count <= 0:
+        return []
+    return sorted({min(total - 1, int((i + 0.5) * total / count)) for i in range(count)})
+
+
+def _chosen(count: int, total: int, placement: str) -> list[int]:
+    count = max(0, min(count, total))
+    if placement == "first":
+        return list(range(count))
+    if placement == "last":
+        return list(range(total - count, total))
+    return _spread(count, total)
+
+
+@dataclass(frozen=True)
+class Machine:
+    """What the caller knows of the machine a plan is for (None: unknown)."""
+
+    device_free: int | None = None  # device memory free for this pipeline (what it holds now included)
+    device_total: int | None = None
+    host_ram: int | None = None
+    system: str = ""  # platform.system(): "Linux", "Windows", ...
+
+    def pinned_cap(self, setting, device_type: str) -> int:
+        """Bytes of host RAM the policy's `pinned_memory` allows (0 without CUDA or a known host RAM)."""
+        if device_type != "cuda" or not self.host_ram:
+            return 0
+        if setting == "auto":
+            setting = {"Linux": "50%", "Windows": "25%"}.get(self.system, "0%")
+        return share_bytes(setting, self.host_ram)
+
+
+@dataclass(frozen=True)
+class DeviceRoom:
+    """What the caller knows of the device's memory: a budget, or free and total bytes (None: unknown)."""
+
+    budget: int | None = None
+    free: int | None = None
+    total: int | None = None
+    others: int = 0  # bytes other components keep on the device meanwhile (resident, kept models)
+    device_type: str = "cuda"
+
+
+def layout(module, rule, room: DeviceRoom, pinned_available: int = 0, whole: bool = False) -> StreamLayout:
+    """The layout of `module` under a `stream` rule (see the module docstring).
+
+    `whole`: a model without blocks to find moves as a whole (for `components.*` rules) instead of failing.
+    """
+    try:
+        blocks = find_blocks(module, rule.blocks)
+    except BlocksNotFound:
+        if not whole or rule.blocks is not None:
+            raise
+        rest = sum(tensor_bytes(t) for t in _tensors(module).values())
+        return StreamLayout((), (), (), rest, rule.prefetch, rule.source,
+                            "no top-level ModuleList of blocks: moves as a whole")
+    inside, rest = block_tensors(module, blocks)
+    sizes = tuple((path, sum(tensor_bytes(t) for t in inside[path].values())) for path, _ in blocks)
+    rest_bytes = sum(tensor_bytes(t) for t in rest.values())
+    total = len(sizes)
+
+    def build(count, reason):
+        chosen = {sizes[i][0] for i in _chosen(count, total, rule.placement)}
+        resident = tuple(p for p, _ in sizes if p in chosen)
+        draft = StreamLayout(sizes, resident, (), rest_bytes, rule.prefetch, rule.source, reason)
+        return draft
+
+    value = rule.resident
+    if isinstance(value, int):
+        chosen = build(value, f"`resident: {value}`" + (f", the model has {total}" if value > total else ""))
+    elif value != "auto" and parse_share(value)[0] == "fraction":
+        count = round(total * parse_share(value)[1])
+        chosen = build(count, f"`resident: {value}`")
+    elif value != "auto":
+        limit = share_bytes(value, 0)
+        chosen = _largest(build, total, lambda d: d.bytes_of(d.resident) <= limit, f"`resident: {value}`")
+    else:
+        chosen = _auto(build, total, rule, room)
+    return _with_pinned(chosen, pinned_available)
+
+
+def _largest(build, total, fits, reason) -> StreamLayout:
+    for count in range(total, -1, -1):
+        draft = build(count, reason)
+        if fits(draft):
+            return draft
+    return build(0, reason)
+
+
+def _auto(build, total, rule, room: DeviceRoom) -> StreamLayout:
+    if room.budget is not None:
+        limit = room.budget - room.others
+        what = f"fits the budget of {format_bytes(room.budget)}"
+    elif room.free is not None:
+        headroom = share_bytes(rule.headroom, room.total or room.free)
+        limit = room.free - headroom - room.others
+        what = f"fits {format_bytes(room.free)} free less {format_bytes(headroom)} headroom"
+    elif room.device_type == "cpu":
+        return build(total, "`resident: auto` on the CPU without a budget: every block")
+    else:
+        return build(0, "`resident: auto`: chosen from the device's free memory when applied")
+    if room.others:
+        what += f" and {format_bytes(room.others)} of other components"
+    draft = _largest(build, total, lambda d: d.device_bytes <= limit, what)
+    if draft.device_bytes > limit:
+        return build(0, f"nothing fits: the rest of the model and the pool need {format_bytes(draft.device_bytes)}, "
+                        f"{format_bytes(max(limit, 0))} is left")
+    return draft
+
+
+def _with_pinned(draft: StreamLayout, available: int) -> StreamLayout:
+    from dataclasses import replace
+
+    if draft.source == DISK:
+        return draft
+    pinned, left = [], available
+    for path in draft.streamed:  # streamed blocks first: they are copied every forward
+        size = aligned(draft.bytes_of([path]))
+        if size > left:
+            break
+        pinned.append(path)
+        left -= size
+    core = len(pinned) == len(draft.streamed) and aligned(draft.core_bytes) <= left
+    return replace(draft, pinned=tuple(pinned), core_pinned=core)
+
+
+def pinned_bytes(draft: StreamLayout) -> int:
+    """Page-locked host bytes the layout takes (pinned streamed blocks and core, page-aligned)."""
+    return sum(aligned(draft.bytes_of([p])) for p in draft.pinned) + (aligned(draft.core_bytes)
+                                                                       if draft.core_pinned else 0)
+
+
+def resized(draft: StreamLayout, module, rule) -> StreamLayout:
+    """The same choice of blocks with the sizes the module's tensors have now (after a precision change)."""
+    from dataclasses import replace
+
+    blocks = find_blocks(module, rule.blocks) if draft.blocks else []
+    inside, rest = block_tensors(module, blocks)
+    sizes = tuple((path, sum(tensor_bytes(t) for t in inside[path].values())) for path, _ in blocks)
+    return replace(draft, blocks=sizes, rest_bytes=sum(tensor_bytes(t) for t in rest.values()))

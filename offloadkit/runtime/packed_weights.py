@@ -1,0 +1,238 @@
+"""Some modules' tensors laid out in one flat byte buffer, and put back on the modules as views of any copy of it.
+
+One buffer per block means one copy per block, host to device, whatever the weights
+are: a copy engine moves one large transfer far faster than hundreds of small ones, and
+the device side can be a slot of a fixed pool instead of fresh allocations.
+
+Every tensor is reduced to the plain tensors that really hold its bytes (its leaves):
+
+- a plain parameter or buffer, and parameter subclasses with ordinary storage
+  (bitsandbytes' `Int8Params`/`Params4bit`, GGUF's `GGUFParameter`): its data, set back
+  with `tensor.data = view`, which keeps the object and its attributes (`quant_type`);
+- wrapper subclasses (torchao, optimum-quanto): the inner tensors `__tensor_flatten__`
+  names, recursively; set back by rebuilding the subclass around the views
+  (`__tensor_unflatten__`) and `torch.utils.swap_tensors`, since assigning `.data` leaves a
+  wrapper's inner tensors where they were;
+- tensors bitsandbytes keeps beside the weight: `SCB`/`CB` on the parameter, the 4-bit
+  `quant_state` (absmax, code, offset, nested state) and a Linear8bitLt's `state.CB`/`SCB`;
+  set back with `setattr`.
+
+A leaf reached twice (a tied weight, `state.CB` that is the weight's data) is stored once.
+"""
+
+from __future__ import annotations
+
+_ALIGN = 256  # each leaf starts on this boundary: any dtype's view is aligned, and so are vector loads
+_SIDE_ATTRS = ("SCB", "CB")  # bitsandbytes: tensors kept as attributes of the weight or of the layer's state
+_QUANT_STATE_ATTRS = ("absmax", "code", "offset")
+
+
+def _round(value: int) -> int:
+    return -(-value // _ALIGN) * _ALIGN
+
+
+class _Leaf:
+    __slots__ = ("offset", "nbytes", "dtype", "shape", "stride")
+
+    def __init__(self, offset, tensor):
+        self.offset = offset
+        self.nbytes = tensor.numel() * tensor.element_size()
+        self.dtype = tensor.dtype
+        self.shape = tuple(tensor.shape)
+        dense = tensor.is_contiguous() or _dense(tensor)
+        self.stride = tuple(tensor.stride()) if dense else None
+
+    def view(self, buffer):
+        flat = buffer[self.offset:self.offset + self.nbytes].view(self.dtype)
+        return flat.as_strided(self.shape, self.stride or _contiguous_strides(self.shape))
+
+
+def _contiguous_strides(shape):
+    strides, step = [], 1
+    for size in reversed(shape):
+        strides.append(step)
+        step *= max(size, 1)
+    return tuple(reversed(strides))
+
+
+def _dense(tensor) -> bool:
+    """Non-overlapping and dense (a permutation of a contiguous layout): its bytes can be kept as they are."""
+    pairs = sorted((s, n) for s, n in zip(tensor.stride(), tensor.shape) if n > 1)
+    step = 1
+    for stride, size in pairs:
+        if stride != step:
+            return False
+        step *= size
+    return True
+
+
+def _identity(tensor):
+    return (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape), tuple(tensor.stride()),
+            tensor.dtype)
+
+
+class _Tree:
+    """A wrapper subclass: its class, flatten context and inner tensors (leaf indices or nested trees)."""
+
+    __slots__ = ("cls", "ctx", "size", "stride", "inner", "extra")
+
+    def __init__(self, cls, ctx, size, stride, inner, extra):
+        self.cls, self.ctx, self.size, self.stride, self.inner, self.extra = cls, ctx, size, stride, inner, extra
+
+    def build(self, leaves):
+        inner = {name: (part.build(leaves) if isinstance(part, _Tree) else leaves[part])
+                 for name, part in self.inner.items()}
+        rebuilt = self.cls.__tensor_unflatten__(inner, self.ctx, self.size, self.stride)
+        for key, value in self.extra.items():  # e.g. `_is_param`, which swap_tensors would take away
+            rebuilt.__dict__.setdefault(key, value)
+        return rebuilt
+
+
+class PackedWeights:
+    """The tensors of `tensors` (and the bitsandbytes state of `modules`) packed into one host byte buffer.
+
+    `host` is that buffer (pinned when asked); `attach(buffer)` makes the modules' tensors views of
+    any buffer with the same layout (a device slot, or `host`); `detach()` points them at `host` again.
+    """
+
+    def __init__(self, tensors, modules=(), pinned: bool = False, host=None):
+        import torch
+
+        self._leaves: list[_Leaf] = []
+        self._by_identity: dict = {}
+        self._holders: list = []  # (kind, object, attribute or None, leaf index or tree)
+        self._sources: list = []  # the live tensor of each leaf, read once to fill the host buffer
+        self.size = 0
+        seen = set()
+        for tensor in tensors:
+            if id(tensor) in seen:
+                continue
+            seen.add(id(tensor))
+            self._add_tensor(tensor)
+        for module in modules:
+            state = vars(module).get("state")
+            if type(state).__name__ == "MatmulLtState":
+                self._add_attrs(state, _SIDE_ATTRS)
+        self.nbytes = self.size
+        self.size = _round(self.size)
+        if host is None:
+            host = torch.empty(self.size, dtype=torch.uint8, pin_memory=pinned)
+            for leaf, source in zip(self._leaves, self._sources):
+                leaf.view(host).copy_(source.detach())
+        self.host = host
+        self.pinned = pinned
+        self._sources = []
+        self.attach(host)  # the host buffer is now the modules' storage: no second copy in RAM
+
+    # --- collecting leaves --------------------------------------------------------------------------
+
+    def _leaf(self, tensor) -> int:
+        key = _identity(tensor)
+        index = self._by_identity.get(key)
+        if index is None:
+            index = len(self._leaves)
+            self._leaves.append(_Leaf(self.size, tensor))
+            self._sources.append(tensor)
+            self._by_identity[key] = index
+            self.size = _round(self.size + self._leaves[-1].nbytes)
+        return index
+
+    def _tree(self, tensor):
+        names, ctx = tensor.__tensor_flatten__()
+        inner = {}
+        for name in names:
+            part = getattr(tensor, name)
+            inner[name] = self._tree(part) if _is_wrapper(part) else self._leaf(part)
+        extra = {k: v for k, v in vars(tensor).items() if k not in names and not _is_tensor(v)}
+        return _Tree(type(tensor), ctx, tensor.size(), tensor.stride(), inner, extra)
+
+    def _add_tensor(self, tensor) -> None:
+        if _is_wrapper(tensor):
+            self._holders.append(("swap", tensor, None, self._tree(tensor)))
+            return
+        self._holders.append(("data", tensor, None, self._leaf(tensor.data)))
+        self._add_attrs(tensor, _SIDE_ATTRS)
+        state = vars(tensor).get("quant_state")
+        while state is not None:  # bitsandbytes 4-bit, with its nested state
+            self._add_attrs(state, _QUANT_STATE_ATTRS)
+            state = getattr(state, "state2", None)
+
+    def _add_attrs(self, owner, names) -> None:
+        for name in names:
+            value = getattr(owner, name, None)
+            if _is_tensor(value):
+                self._holders.append(("attr", owner, name, self._leaf(value)))
+
+    # --- putting views back -------------------------------------------------------------------------
+
+    def attach(self, buffer) -> None:
+        """The modules' tensors become views of `buffer` (same layout as `host`, on any device)."""
+        self._set([leaf.view(buffer) for leaf in self._leaves])
+
+    def detach(self) -> None:
+        """The modules' tensors become views of the host buffer again: the device copy is dropped, not copied back."""
+        self.attach(self.host)
+
+    def unpack(self) -> None:
+        """Give the modules ordinary tensors of their own again (copies of the host buffer), for `remove()`."""
+        self._set([leaf.view(self.host).clone() for leaf in self._leaves])
+
+    def _set(self, leaves) -> None:
+        import torch
+
+        for kind, obj, attr, where in self._holders:
+            if kind == "data":
+                # The object stays the one the module holds (compiled graphs keep weak references to it),
+                # with its attributes (`quant_type`, `quant_state`, `SCB`).
+                obj.data = leaves[where]
+            elif kind == "attr":
+                setattr(obj, attr, leaves[where])
+            else:
+                try:
+                    torch.utils.swap_tensors(obj, where.build(leaves))
+                except RuntimeError as exc:
+                    if "weakref" not in str(exc):
+                        raise
+                    from ..errors import PipelineError
+
+                    raise PipelineError(
+                        f"a {type(obj).__name__} weight cannot be moved while torch.compile holds a reference to "
+                        "it: wrapper tensors (torchao, quanto) move by swapping, which such a reference forbids. "
+                        "Leave this model uncompiled under `stream` or a copy-free `model` transfer, or use "
+                        "`transfer: standard`") from None
+
+    def points_into(self, buffer, tensor) -> bool:
+        """Whether `tensor`'s data lies in `buffer` (for checks of where a module's weights are)."""
+        start = buffer.data_ptr()
+        return start <= tensor.data_ptr() < start + buffer.numel()
+
+    def copy_to(self, buffer, non_blocking: bool = False) -> None:
+        """Copy the host buffer into `buffer` (one transfer)."""
+        buffer[:self.size].copy_(self.host, non_blocking=non_blocking)
+
+
+def _is_tensor(value) -> bool:
+    import torch
+
+    return isinstance(value, torch.Tensor)
+
+
+def _is_wrapper(tensor) -> bool:
+    import torch
+
+    return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__") \
+        and not hasattr(type(tensor), "quant_state")
+
+
+def needs_packing(module) -> bool:
+    """Whether some weight of `module` cannot be moved by assigning `.data` (wrapper tensors, bitsandbytes)."""
+    for sub in module.modules():
+        if type(vars(sub).get("state")).__name__ == "MatmulLtState":
+            return True
+        for tensor in (*sub._parameters.values(), *sub._buffers.values()):
+            if tensor is None:
+                continue
+            if _is_wrapper(tensor) or any(_is_tensor(getattr(tensor, name, None)) for name in _SIDE_ATTRS) \
+                    or vars(tensor).get("quant_state") is not None:
+                return True
+    return False
