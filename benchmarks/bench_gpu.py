@@ -1103,6 +1103,11 @@ def print_targets(targets: list) -> None:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--flux" in argv:  # the FLUX.1-dev-sized `stream` benchmark (its own options: see bench_flux_stream.py)
+        from bench_flux_stream import main as flux_main
+
+        return flux_main([a for a in argv if a != "--flux"])
     args = _parse_args(argv)
     if args.child:
         return child_main(args)

@@ -140,6 +140,10 @@ def test_prefetched_vae_survives_sdxl_upcasting_it_before_decode():
 QUANT_CUDA_RULES = {
     "model": {"strategy": "model"},
     "pinned": {"strategy": "model", "transfer": "pinned"},
+    "copy-free": {"strategy": "model", "transfer": "copy-free"},
+    "pinned-prefetch": {"strategy": "model", "transfer": "pinned", "prefetch": True},
+    "stream": {"strategy": "stream", "resident": 1, "prefetch": 2},
+    "stream-disk": {"strategy": "stream", "resident": 0, "from": "disk"},
     "group": {"strategy": "group", "offload_type": "leaf_level"},
     "sequential": {"strategy": "sequential"},
 }
@@ -193,9 +197,6 @@ def test_quanto_with_diffusers_group_offloading_fails_on_cuda_as_the_table_says(
 
 
 @pytest.mark.parametrize("backend, rule", [
-    ("torchao", {"strategy": "model", "transfer": "pinned"}),   # row (e): `.data` does not move torchao tensors
-    ("quanto", {"strategy": "model", "transfer": "copy-free"}),  # row (e)
-    ("bnb_4bit", {"strategy": "model", "transfer": "pinned"}),  # row (a): quant_state stays on the host
     ("bnb_8bit", {"strategy": "group"}),                          # row (k): the layer's `state.CB` stays behind
     ("bnb_4bit", {"strategy": "group", "offload_type": "leaf_level"}),  # row (l): quant_state stays on the host
 ])
@@ -259,3 +260,50 @@ def test_quantize_on_apply_on_cuda_equals_the_backend(backend):
     with torch.no_grad():
         reference = run(theirs.to("cuda"))
         np.testing.assert_allclose(run(ours), reference, atol=2e-3)
+
+
+# --- `stream` on CUDA: side stream, pinned blocks, the pool ------------------------------------------
+
+def test_stream_on_cuda_equals_resident_with_a_flat_pool_and_pinned_blocks():
+    reference_pipe = tiny_pipeline("flux").to("cuda")
+    with torch.no_grad():
+        reference = run(reference_pipe)
+    del reference_pipe
+    at_rest = allocated_at_rest()
+    pipe = tiny_pipeline("flux")
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {
+        "transformer": {"strategy": "stream", "resident": 2, "prefetch": 2}}}, device="cuda")
+    stream = handle.residency("transformer").host_copy.blocks
+    assert all(pack.host.is_pinned() for pack in stream.packs.values())
+    peaks = []
+    with torch.no_grad():
+        for _ in range(3):
+            torch.cuda.reset_peak_memory_stats()
+            np.testing.assert_array_equal(run(pipe), reference)
+            peaks.append(torch.cuda.max_memory_allocated())
+    assert max(peaks) - min(peaks) < MiB  # the pool is reused: nothing allocated per block grows a peak
+    figures = handle.trace.calls_summary()[-1].streams["transformer"]
+    assert figures["bytes"] > 0 and figures["copy_seconds"] > 0 and figures["exposed_seconds"] >= 0
+    assert all(p.device.type != "cuda" for p in pipe.transformer.parameters())  # offloaded after the call
+    assert allocated_at_rest() - at_rest < MiB
+    before = {k: v.clone() for k, v in pipe.transformer.state_dict().items()}
+    with torch.no_grad():
+        for _ in range(50):
+            run(pipe, num_inference_steps=1)
+    handle.remove()
+    after = pipe.transformer.state_dict()
+    assert all(torch.equal(before[k], after[k].cpu()) for k in before)  # bit-identical after 50 calls
+
+
+def test_stream_under_a_pinned_cap_streams_the_rest_from_pageable_memory_on_cuda():
+    pipe = tiny_pipeline("flux")
+    reference = run(tiny_pipeline("flux").to("cuda"))
+    plan = offloadkit.plan(pipe, {"version": 1, "components": {"transformer": {"strategy": "stream", "resident": 0}},
+                                  "pinned_memory": "1B"}, device="cuda")
+    assert plan.component("transformer").stream.pinned == ()
+    handle = offloadkit.apply(pipe, {"version": 1, "pinned_memory": "1B",
+                                     "components": {"transformer": {"strategy": "stream", "resident": 0}}},
+                              device="cuda")
+    assert not any(p.host.is_pinned() for p in handle.residency("transformer").host_copy.blocks.packs.values())
+    np.testing.assert_array_equal(run(pipe), reference)
+    handle.remove()

@@ -258,3 +258,26 @@ def test_a_block_order_other_than_declared_is_learned():
     assert stream.order[:3] == ["transformer_blocks.0", "transformer_blocks.1", "single_transformer_blocks.0"]
     assert_same_images(run(pipe), reference)
     handle.remove()
+
+
+def test_a_vae_the_pipeline_upcasts_is_refused_when_its_blocks_would_stream():
+    pipe = tiny_pipeline("sdxl").to(torch.float16)
+    rule = {"strategy": "stream", "blocks": ["decoder.up_blocks"], "resident": 0}
+    with pytest.raises(PolicyError, match="'vae' is a VAE with `force_upcast` in a float16 pipeline.*"
+                                          "`strategy: model`"):
+        offloadkit.plan(pipe, {"version": 1, "components": {"vae": rule}}, device="cpu")
+    assert offloadkit.plan(pipe, {"version": 1, "components": {"vae": {**rule, "resident": 2}}}, device="cpu")
+
+
+def test_a_wildcard_stream_rule_moves_models_without_blocks_as_a_whole():
+    pipe = tiny_pipeline("flux")
+    reference = run(pipe)
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"*": {"strategy": "stream", "resident": 1}}},
+                              device="cpu")
+    assert handle.plan.component("vae").stream.blocks == ()
+    assert "moves as a whole" in handle.plan.component("vae").reason
+    assert handle.plan.component("transformer").stream.streamed
+    assert handle.plan.component("text_encoder").stream.blocks == ()  # its layers are nested: named with `blocks:`
+    assert_same_images(run(pipe), reference)
+    handle.remove()
+    assert_same_images(run(pipe), reference)

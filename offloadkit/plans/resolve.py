@@ -200,6 +200,15 @@ def _layouts(policy, models, rules, sizes, paths, device, machine: Machine, prob
             where = (*paths[name], "blocks") if rule.blocks is not None else paths[name]
             problems.append(located_problem(policy, where, f"{name!r}: {exc}"))
             continue
+        config = getattr(module, "config", None) or {}
+        if found.streamed and hasattr(config, "get") and config.get("force_upcast") \
+                and models[name].dtype == "float16":
+            problems.append(located_problem(
+                policy, paths[name], f"{name!r} is a VAE with `force_upcast` in a float16 pipeline: the pipeline "
+                "casts it to float32 for the decode, which its streamed blocks' packed float16 copies cannot "
+                "follow. Give this VAE `strategy: model` (it is small), or stream none of its blocks "
+                f"(`resident: {len(found.blocks)}`)"))
+            continue
         pinned_left -= pinned_bytes(found)
         layouts[name] = found
     return layouts

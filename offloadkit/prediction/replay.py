@@ -34,6 +34,7 @@ from ..policy.rules import DISK, HOME_DEVICE, HOST
 from ..tensor_bytes import module_bytes, planned_sizes
 from ..units import format_bytes, torch_dtype_name
 from .schedule import CallSchedule, CallSettings
+from ..plans.stream_layout import resized
 from .stream_profiles import StreamProfile, stream_note, stream_profile
 
 
@@ -327,6 +328,10 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
     for c in plan.components:
         if not c.rule.managed:
             notes.append(f"{c.name!r} is skipped: offloadkit does not manage it, so its weights are not counted")
+    for c in plan.components:
+        if c.stream is not None:
+            notes.append(f"{c.name}: {resized(c.stream, modules[c.name], c.rule).summary()}"
+                         if c.name in modules else f"{c.name}: {c.stream.summary()}")
     for note in dict.fromkeys(stream_note(c.rule) for c in plan.components):
         if note:
             notes.append(note)
@@ -394,7 +399,7 @@ def predict(source, policy, *, hardware=None, settings: CallSettings | None = No
     profile = _hardware(hardware)
     own = None if policy.device == "auto" else policy.device  # `auto`: the hardware profile's device decides
     context = prediction_context(source, hardware=profile, settings=settings, device=device or own)
-    plan = resolve(policy, context.spec, context.device)
+    plan = resolve(policy, context.spec, context.device, machine=context.machine)
     return context.predict(plan)
 
 
@@ -412,6 +417,17 @@ class PredictionContext:
     overhead: int
     notes: list
     profiles: dict = field(default_factory=dict)
+
+    @property
+    def machine(self):
+        """The hardware profile as block layouts (`stream`, `resident: auto`) see a machine; unknown without one."""
+        from ..plans.stream_layout import Machine
+
+        if self.hardware is None:
+            return Machine()
+        memory = self.hardware.device_memory
+        return Machine(device_free=memory - self.overhead, device_total=memory,
+                       host_ram=self.hardware.host_memory, system="Linux")
 
     def predict(self, plan: Plan) -> Prediction:
         from dataclasses import replace

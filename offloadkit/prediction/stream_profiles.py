@@ -185,7 +185,7 @@ def _stream_profile(module, rule: StreamRule, layout) -> StreamProfile:
     layout = resized(layout, module, rule)
     on_disk = layout.source == DISK
     return StreamProfile(layout.streamed_bytes, 0, len(layout.streamed), source=DISK if on_disk else HOST,
-                         pinned=bool(layout.streamed) and not layout.pageable, overlapped=False,
+                         pinned=bool(layout.streamed) and not layout.pageable, overlapped=True,
                          chained_bytes=layout.core_bytes, device_bytes=layout.device_bytes,
                          disk_bytes=layout.streamed_bytes if on_disk else 0)
 

@@ -126,7 +126,7 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
             continue  # a strategy a quantized model's backend cannot run
         policy = load({"version": 1, "device": context.device, "components": rules})
         try:
-            plan = resolve(policy, context.spec, context.device)
+            plan = resolve(policy, context.spec, context.device, machine=context.machine)
         except OffloadkitError:
             continue  # e.g. a rule the device cannot run
         prediction = context.predict(plan)
@@ -155,7 +155,7 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
         name = f"{label}-within-{format_bytes(limit).replace(' ', '')}"
     text = _yaml(name, context, rules, reasons, prediction, limit_source, candidates, fitting, nominal)
     policy = load(_load_text(text))
-    prediction = context.predict(resolve(policy, context.spec, context.device))  # the same, under its name
+    prediction = context.predict(resolve(policy, context.spec, context.device, machine=context.machine))  # the same, under its name
     return Synthesis(policy, prediction, reasons, limit, candidates, fitting, text)
 
 
@@ -179,7 +179,7 @@ def _smallest_peak(context, models, device_type, order) -> int:
     for c in models:  # the least memory each can take: the last searched strategy its backend runs
         rules[c.name] = next(r for r in (_rule(s, device_type, c) for s in reversed(order)) if r is not None)
     policy = load({"version": 1, "device": context.device, "components": rules})
-    return context.predict(resolve(policy, context.spec, context.device)).device_peak_bytes
+    return context.predict(resolve(policy, context.spec, context.device, machine=context.machine)).device_peak_bytes
 
 
 def _reasons(context, searched, choice, rules, limit, order) -> dict:

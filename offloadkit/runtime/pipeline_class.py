@@ -85,7 +85,8 @@ def offloaded_class(base):
         meta = handle.weights_off_model()
         if meta:
             raise PipelineError(f"{', '.join(map(repr, meta))} keep their weights off the model under the policy "
-                                f"{handle.plan.policy!r} (strategy sequential), so they cannot be saved as they are. "
+                                f"{handle.plan.policy!r} (as meta tensors or in the policy's own packed buffers), so they cannot be "
+                                "saved as they are. "
                                 "Call offloadkit.remove(pipe) first, save, then apply the policy again")
         return base.save_pretrained(self, *args, **kwargs)
 
@@ -96,7 +97,8 @@ def offloaded_class(base):
             if meta:
                 raise PipelineError(
                     f"{method_name}() would change the weights of {', '.join(map(repr, meta))}, which live off the "
-                    f"model (as meta tensors) under the policy {handle.plan.policy!r}: the change would be lost "
+                    f"model (as meta tensors or in packed buffers) under the policy {handle.plan.policy!r}: the "
+                    "change would be lost "
                     "silently. Call offloadkit.remove(pipe) first, then apply the policy again")
             return getattr(base, method_name)(self, *args, **kwargs)
         method.__name__ = method_name

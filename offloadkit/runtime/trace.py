@@ -46,7 +46,7 @@ class CallSummary:
     stage_peak_bytes: dict
     device_peak_bytes: int | None  # torch.cuda.max_memory_allocated on CUDA, else None
     # per `stream` component: bytes streamed, blocks resident and streamed, exposed_seconds (the time the
-    # compute waited for copies, on CUDA; elsewhere the copies' own time)
+    # compute waited for copies, on CUDA; elsewhere the copies' own time) and copy_seconds (the copies' time)
     streams: dict = field(default_factory=dict)
 
 

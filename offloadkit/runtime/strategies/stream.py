@@ -57,6 +57,7 @@ class BlockStream:
         self.running = set()
         self.seen = []
         self.waits = []  # (compute reached the wait, copy done) event pairs of this call (CUDA)
+        self.copies = []  # (copy began, copy done, bytes) of this call (CUDA)
 
     # --- the pool, with the model's onload and offload -----------------------------------------
 
@@ -92,10 +93,13 @@ class BlockStream:
             if self.free_after[slot] is not None:
                 self.side.wait_event(self.free_after[slot])
             with torch.cuda.stream(self.side):
+                began = torch.cuda.Event(enable_timing=True)
+                began.record(self.side)
                 pack.copy_to(target, non_blocking=pack.pinned)
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(self.side)
             self.ready[path] = done
+            self.copies.append((began, done, self.sizes[path]))
         else:
             pack.copy_to(target)
         if self.disk is not None:  # the file's pages were read: hand them back (RAM stays flat)
@@ -175,18 +179,19 @@ class BlockStream:
             self.order = ran + [p for p in self.order if p not in set(ran)]
             self.position = {path: i for i, path in enumerate(self.order)}
 
-    def exposed_seconds(self) -> float:
-        """Seconds the compute stream waited for copies this call (CUDA; elsewhere the copies' own time)."""
+    def report(self) -> dict:
+        """This call's figures: seconds the compute stream waited for copies (the exposed transfer) and the
+        copies' own seconds; on CUDA from events, elsewhere (copies made at once) both the copies' time."""
         if self.side is None:
-            return self.stats.seconds
+            return {"exposed_seconds": self.stats.seconds, "copy_seconds": self.stats.seconds}
         import torch
 
-        if not self.waits:
-            return 0.0
-        torch.cuda.synchronize(self.device)
+        if self.waits or self.copies:
+            torch.cuda.synchronize(self.device)
         waited = sum(max(0.0, reached.elapsed_time(done)) for reached, done in self.waits) / 1e3
-        self.waits = []
-        return waited
+        copying = sum(began.elapsed_time(done) for began, done, _ in self.copies) / 1e3
+        self.waits, self.copies = [], []
+        return {"exposed_seconds": waited, "copy_seconds": copying}
 
 
 class StreamedModelCopy(PackedCopy):
@@ -251,7 +256,7 @@ def install(handle, name, module, rule, previous):
     stats = handle.stream_stats(name, tier="disk" if disk is not None else "cpu")
     stream = BlockStream(packs, dict(layout.blocks), rule.prefetch, handle.device, handle.prefetch_stream(), stats, disk)
     stats.report = lambda: {"resident_blocks": len(layout.resident), "streamed_blocks": len(layout.streamed),
-                            "exposed_seconds": stream.exposed_seconds()}
+                            **stream.report()}
     hooks = []
     for path in layout.streamed:
         block = blocks[path]
