@@ -281,3 +281,49 @@ def test_a_wildcard_stream_rule_moves_models_without_blocks_as_a_whole():
     assert_same_images(run(pipe), reference)
     handle.remove()
     assert_same_images(run(pipe), reference)
+
+
+def test_the_prediction_on_a_gpu_profile_gives_the_layout_and_its_pinned_host_ram():
+    from offloadkit.plans.stream_layout import aligned
+    from offloadkit.prediction.replay import predict
+
+    pipe = tiny_pipeline("flux")
+    prediction = predict(pipe, _policy("flux", resident=1), hardware="rtx-3060-12gb")
+    layout = offloadkit.plan(pipe, _policy("flux", resident=1), device="cpu").component("transformer").stream
+    # 32 GiB of host RAM on Linux: half may be pinned, which holds every streamed block and the rest
+    assert prediction.pinned_host_bytes == sum(aligned(b) for p, b in layout.blocks if p in layout.streamed) \
+        + aligned(layout.core_bytes)
+    assert any(n.startswith("transformer: 1 of 6 blocks resident") and "from pinned RAM" in n
+               for n in prediction.notes)
+    assert "pinned host RAM" in str(prediction)
+
+
+@pytest.mark.parametrize("backend", ["plain", "bnb_8bit", "bnb_4bit", "torchao", "quanto", "gguf"])
+def test_no_reference_into_a_pool_slot_outlives_the_call(backend):
+    """No reference into a device slot outlives the call (bitsandbytes 8-bit keeps `state.CB` of its own)."""
+    import gc
+    import weakref
+
+    from quantized import quantize
+
+    pipe = tiny_pipeline("sd")
+    if backend != "plain":
+        quantize(pipe.unet, backend)
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"unet": {"strategy": "stream", "resident": 0}}},
+                              device="cpu")
+    stream = handle.residency("unet").host_copy.blocks
+    seen = []
+    first = pipe.unet.get_submodule(handle.plan.component("unet").stream.streamed[0])
+    hook = first.register_forward_hook(lambda *_: seen.append(weakref.ref(stream.pool)))
+    run(pipe)
+    hook.remove()
+    gc.collect()
+    assert seen and all(ref() is None for ref in seen)
+    # bitsandbytes 8-bit: the layer's own `state.CB`, taken from the weight at its first forward, is back
+    # on the block's host copy too (not on a copy of a slot of its own)
+    for path, pack in stream.packs.items():
+        for module in pipe.unet.get_submodule(path).modules():
+            state = getattr(module, "state", None)
+            if getattr(state, "CB", None) is not None:
+                assert pack.points_into(pack.host, state.CB), path
+    handle.remove()

@@ -26,6 +26,7 @@ from ..tensor_bytes import tensor_bytes
 from ..units import format_bytes, parse_share, share_bytes
 
 PAGE = 4096  # every block's bytes start on a page in its host and device buffers
+DECIDED_AT_APPLY = "`resident: auto`: chosen from the device's free memory when applied"
 
 
 def aligned(nbytes: int) -> int:
@@ -92,6 +93,8 @@ class StreamLayout:
 
     def summary(self) -> str:
         """One line for the plan: `12 of 57 blocks resident (...); 45 streamed, prefetch 1, pool 0.6 GiB`."""
+        if self.reason == DECIDED_AT_APPLY:
+            return f"{len(self.blocks)} blocks; {self.reason}"
         streamed = self.streamed
         text = f"{len(self.resident)} of {len(self.blocks)} blocks resident ({self.reason})"
         if streamed:
@@ -309,7 +312,7 @@ def _auto(build, total, rule, room: DeviceRoom) -> StreamLayout:
     elif room.device_type == "cpu":
         return build(total, "`resident: auto` on the CPU without a budget: every block")
     else:
-        return build(0, "`resident: auto`: chosen from the device's free memory when applied")
+        return build(0, DECIDED_AT_APPLY)
     if room.others:
         what += f" and {format_bytes(room.others)} of other components"
     draft = _largest(build, total, lambda d: d.device_bytes <= limit, what)

@@ -34,7 +34,7 @@ from ..policy.rules import DISK, HOME_DEVICE, HOST
 from ..tensor_bytes import module_bytes, planned_sizes
 from ..units import format_bytes, torch_dtype_name
 from .schedule import CallSchedule, CallSettings
-from ..plans.stream_layout import resized
+from ..plans.stream_layout import pinned_bytes, resized
 from .stream_profiles import StreamProfile, stream_note, stream_profile
 
 
@@ -89,6 +89,7 @@ class Prediction:
     hook_calls: int  # offload hook invocations per call (one per model forward, one per streamed piece)
     first_call_bytes_moved: int
     notes: tuple[str, ...] = ()
+    pinned_host_bytes: int = 0  # page-locked host RAM the policy takes (pinned transfers, pinned streamed blocks)
     events: tuple[PredictedEvent, ...] = field(default=(), repr=False, compare=False)
 
     @property
@@ -132,6 +133,8 @@ class Prediction:
         lines.append("")
         lines.append(f"peak device memory {format_bytes(self.device_peak_bytes)} + runtime overhead "
                      f"{format_bytes(self.runtime_overhead_bytes)} = {format_bytes(self.required_device_bytes)} needed")
+        if self.pinned_host_bytes:
+            lines.append(f"pinned host RAM {format_bytes(self.pinned_host_bytes)} (in the host RAM figures above)")
         if self.first_call_bytes_moved != self.bytes_moved:
             lines.append(f"first call moves {format_bytes(self.first_call_bytes_moved)} (later calls: the figures above)")
         lines.extend(f"note: {n}" for n in self.notes)
@@ -328,10 +331,14 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
     for c in plan.components:
         if not c.rule.managed:
             notes.append(f"{c.name!r} is skipped: offloadkit does not manage it, so its weights are not counted")
+    pinned = 0
     for c in plan.components:
         if c.stream is not None:
-            notes.append(f"{c.name}: {resized(c.stream, modules[c.name], c.rule).summary()}"
-                         if c.name in modules else f"{c.name}: {c.stream.summary()}")
+            layout = resized(c.stream, modules[c.name], c.rule) if c.name in modules else c.stream
+            notes.append(f"{c.name}: {layout.summary()}")
+            pinned += pinned_bytes(layout)
+        elif c.rule.onload_pinned and plan.device.type == "cuda":
+            pinned += c.bytes or 0
     for note in dict.fromkeys(stream_note(c.rule) for c in plan.components):
         if note:
             notes.append(note)
@@ -354,6 +361,7 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
         hook_calls=replay.hook_calls,
         first_call_bytes_moved=sum(e.bytes for e in first),
         notes=tuple(notes),
+        pinned_host_bytes=pinned,
         events=tuple(replay.events),
     )
 

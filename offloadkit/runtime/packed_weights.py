@@ -112,7 +112,15 @@ class PackedWeights:
         for module in modules:
             state = vars(module).get("state")
             if type(state).__name__ == "MatmulLtState":
-                self._add_attrs(state, _SIDE_ATTRS)
+                # The layer's state takes the weight's `CB`/`SCB` at its first forward: held from the start,
+                # so that no reference to a device copy outlives the copy.
+                weight = module._parameters.get("weight")
+                for name in _SIDE_ATTRS:
+                    value = getattr(state, name, None)
+                    if not _is_tensor(value):
+                        value = getattr(weight, name, None)
+                    if _is_tensor(value):
+                        self._holders.append(("attr", state, name, self._leaf(value)))
         self.nbytes = self.size
         self.size = _round(self.size)
         if host is None:
