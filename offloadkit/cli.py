@@ -38,8 +38,11 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("policy", metavar="POLICY", help="policy file or built-in name")
     explain.add_argument("--pipeline", metavar="CLASS|MODEL", required=True,
                          help="diffusers pipeline class name, or a built-in architecture or model folder (then "
-                              "with sizes, fp16)")
+                              "with sizes)")
     explain.add_argument("--device", help="override the policy's device (shown as given)")
+    explain.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                         help="with an architecture or model folder: the weights' dtype for the sizes (default: "
+                              "the model's own)")
     explain.add_argument("--json", action="store_true", help="print plan.to_dict() as JSON")
 
     plan = commands.add_parser("plan", help="predict memory per stage, bytes moved and transfer time of a call, "
@@ -87,13 +90,16 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _add_call_arguments(parser) -> None:
-    call = parser.add_argument_group("the call (defaults: the pipeline family's usual size, 30 steps, fp16)")
+    call = parser.add_argument_group("the call (defaults: the pipeline family's usual size, 30 steps, the dtype "
+                                     "the model ships in)")
     call.add_argument("--height", type=_positive, help="image height in pixels")
     call.add_argument("--width", type=_positive, help="image width in pixels")
     call.add_argument("--frames", type=_positive, help="video frames (video pipelines)")
     call.add_argument("--steps", type=_positive, default=30, help="denoising steps (default: 30)")
     call.add_argument("--batch", type=_positive, default=1, help="images per call (default: 1)")
-    call.add_argument("--dtype", choices=("fp16", "bf16", "fp32"), help="weights' dtype (default: fp16)")
+    call.add_argument("--dtype", choices=("fp16", "bf16", "fp32"),
+                      help="weights' dtype (default: the model's own: bf16 for FLUX, SD3.5 and Wan, fp16 for SD 1.5 "
+                      "and SDXL and for folders that do not say)")
     call.add_argument("--no-guidance", action="store_true", help="no classifier-free guidance (guidance_scale 1)")
     call.add_argument("--negative-prompt", action="store_true", help="a negative prompt is given")
 
@@ -186,7 +192,7 @@ def _validate(args) -> int:
                     print(f"{name}: {problem}", file=sys.stderr)
                     continue
             elif args.pipeline:
-                spec = spec or _spec_for(args.pipeline)
+                spec = spec or _spec_for(args.pipeline, args.dtype)
                 from .plans.resolve import resolve
 
                 resolve(policy, spec, policy.device)  # names only: the device is not needed
@@ -220,12 +226,12 @@ def _hardware_problem(policy, hardware, args) -> str | None:
     return None
 
 
-def _spec_for(pipeline: str):
-    """Names of a pipeline class, or sizes too for an architecture or a model folder."""
+def _spec_for(pipeline: str, dtype: str | None = None):
+    """Names of a pipeline class, or sizes too for an architecture or a model folder (in `dtype`, else its own)."""
     if _is_model_source(pipeline):
-        from .prediction.sizing import spec_from_folder
+        from .prediction.sizing import shipped_dtype, spec_from_folder
 
-        return spec_from_folder(pipeline, dtype="fp16")  # as `plan` sizes them by default
+        return spec_from_folder(pipeline, dtype=dtype or shipped_dtype(pipeline))  # as `plan` sizes them
     return _class_spec(pipeline)
 
 
@@ -240,7 +246,7 @@ def _explain(args) -> int:
     from .plans.resolve import resolve
 
     policy = load(args.policy)
-    spec = _spec_for(args.pipeline)  # an architecture or model folder also gives sizes
+    spec = _spec_for(args.pipeline, args.dtype)  # an architecture or model folder also gives sizes
     from .device import device_label
 
     plan = resolve(policy, spec, device_label(args.device or policy.device))

@@ -65,7 +65,9 @@ GOLDEN_HARDWARE = "rtx-4090-24gb"  # nominal rates: the golden times change only
 
 
 def golden_predictions(architecture: str) -> dict:
-    """Every built-in policy predicted for a built-in architecture at its family's usual call (30 steps, fp16).
+    """Every built-in policy predicted for a built-in architecture at its family's usual call.
+
+    30 steps, in the dtype the model ships in.
 
     A policy that does not apply (it names a component the pipeline lacks) is recorded with its error.
     """

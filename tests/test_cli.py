@@ -291,3 +291,12 @@ def test_explain_with_an_architecture_shows_sizes(capsys):
     out = capsys.readouterr().out
     assert "unet            UNet2DConditionModel" in out and "4.8 GiB" in out  # fp16 weights of the 2.57B UNet
     assert "image_encoder" not in out.split("offload chain:")[1].splitlines()[0]  # not in this model's folder
+
+
+def test_explain_sizes_in_the_models_own_dtype_or_the_one_given(capsys):
+    assert main(["explain", "diffusers-default", "--pipeline", "flux1-dev"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("text_encoder_2")][0]
+    assert "bfloat16" in line and "8.9 GiB" in line
+    assert main(["explain", "diffusers-default", "--pipeline", "flux1-dev", "--dtype", "fp16"]) == 0
+    line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("text_encoder_2")][0]
+    assert "float16" in line and "10.7 GiB" in line

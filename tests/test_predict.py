@@ -107,3 +107,16 @@ def test_predictions_of_the_built_in_policies_match_golden(architecture):
     golden = json.loads((GOLDEN / f"{architecture}.json").read_text())
     assert json.loads(json.dumps(golden_predictions(architecture))) == golden, (
         "predictions changed: if intended, run tests/golden/regenerate.py and review the diff")
+
+
+def test_each_architecture_is_predicted_in_the_dtype_its_checkpoint_ships_in():
+    from offloadkit.prediction.sizing import shipped_dtype
+
+    shipped = {name: shipped_dtype(name) for name in architecture_names()}
+    assert shipped == {"flux1-dev": "bf16", "flux1-schnell": "bf16", "sd15": "fp16", "sd35-large": "bf16",
+                       "sd35-medium": "bf16", "sdxl": "fp16", "wan21-t2v-1.3b": "bf16", "wan21-t2v-14b": "bf16"}
+    flux = predict("flux1-dev", "diffusers-default")
+    assert flux.settings["dtype"] == "bf16"
+    t5 = {e.component: e.bytes for e in flux.events if e.action == "onload"}["text_encoder_2"]
+    assert round(t5 / 2**30, 1) == 8.9  # bf16 keeps no layer in float32 (fp16 T5 keeps `wo`: 10.7 GiB)
+    assert predict("flux1-dev", "diffusers-default", settings=CallSettings(dtype="fp16")).settings["dtype"] == "fp16"

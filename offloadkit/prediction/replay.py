@@ -468,8 +468,10 @@ def prediction_context(source, *, hardware=None, settings: CallSettings | None =
     profile = _hardware(hardware)
     settings = settings or CallSettings()
     built = not (hasattr(source, "components") and not isinstance(source, str))
-    if built and settings.dtype is None:
-        settings = replace(settings, dtype="fp16")  # what these models are run in; `--dtype` says otherwise
+    if built and settings.dtype is None:  # what the model is run in (its checkpoint's dtype); `--dtype` says otherwise
+        from .sizing import shipped_dtype
+
+        settings = replace(settings, dtype=shipped_dtype(source))
     spec, modules, force_zeros = _source(source, settings.dtype if built else None)
     settings = settings.resolved(pipeline_family(spec.class_name))
     notes = []

@@ -68,6 +68,24 @@ def architecture_names() -> list[str]:
     return sorted(p.name for p in ARCHITECTURES_DIR.iterdir() if (p / MODEL_INDEX).is_file())
 
 
+SHIPPED = "offloadkit.json"  # in a built-in architecture's folder: {"dtype": ..., "why": ...}
+
+
+def shipped_dtype(source) -> str:
+    """The dtype a model folder's pipeline is run in unless told otherwise (`fp16`, `bf16`, `fp32`).
+
+    Built-in architectures say it in their `offloadkit.json` (bf16 for FLUX, SD3.5 and Wan; fp16 for
+    SD 1.5 and SDXL); a folder without one: fp16.
+
+    >>> shipped_dtype("flux1-dev"), shipped_dtype("sdxl")
+    ('bf16', 'fp16')
+    """
+    path = model_folder(source) / SHIPPED
+    if path.is_file():
+        return json.loads(path.read_text())["dtype"]
+    return "fp16"
+
+
 def model_folder(source: str | os.PathLike) -> Path:
     """The model folder of a built-in architecture name or a local folder path.
 
