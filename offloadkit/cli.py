@@ -101,6 +101,9 @@ def _add_call_arguments(parser) -> None:
                       help="weights' dtype (default: the model's own: bf16 for FLUX, SD3.5 and Wan, fp16 for SD 1.5 "
                       "and SDXL and for folders that do not say)")
     call.add_argument("--no-guidance", action="store_true", help="no classifier-free guidance (guidance_scale 1)")
+    call.add_argument("--headroom", metavar="SIZE|SHARE", type=_share_argument,
+                      help="device memory and host RAM kept free, e.g. 10%% or 2GiB (default: the hardware "
+                           "profile's: 5%% of the device, 10%% of host RAM)")
     call.add_argument("--negative-prompt", action="store_true", help="a negative prompt is given")
 
 
@@ -112,6 +115,16 @@ def _positive(text: str) -> int:
     if value <= 0:
         raise argparse.ArgumentTypeError(f"must be positive, not {value}")
     return value
+
+
+def _share_argument(text: str) -> str:
+    from .units import parse_share
+
+    try:
+        parse_share(text)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+    return text
 
 
 def _size_argument(text: str) -> int:
@@ -207,18 +220,19 @@ def _validate(args) -> int:
 
 
 def _hardware_problem(policy, hardware, args) -> str | None:
-    """Why the policy's predicted call does not fit the hardware or its own budget, or None."""
-    from .units import format_bytes
+    """Why the policy's predicted call does not fit the hardware's limits or its own budget, or None."""
+    from .prediction.limits import binding
     from .prediction.replay import predict
+    from .units import format_bytes
 
-    prediction = predict(args.pipeline, policy, hardware=hardware, settings=_call_settings(args))
-    stages = ", ".join(f"{s.stage} {format_bytes(s.device_peak_bytes)}" for s in prediction.stages)
-    if prediction.required_device_bytes > hardware.device_memory:
-        return (f"predicted to need {format_bytes(prediction.required_device_bytes)} on the device (peak "
-                f"{format_bytes(prediction.device_peak_bytes)}: {stages}; plus "
-                f"{format_bytes(prediction.runtime_overhead_bytes)} runtime overhead), more than "
-                f"{hardware.name}'s {format_bytes(hardware.device_memory)}. Offload more (see `offloadkit "
-                "synthesize`) or lower the resolution or batch")
+    prediction = predict(args.pipeline, policy, hardware=hardware, settings=_call_settings(args),
+                         headroom=args.headroom)
+    over = binding(prediction.limits)
+    if over:
+        stages = ", ".join(f"{s.stage} {format_bytes(s.device_peak_bytes)}" for s in prediction.stages)
+        return (f"does not fit {hardware.name}: " + "; ".join(c.message() for c in over)
+                + f" (device peak per stage: {stages}). Offload more (see `offloadkit synthesize`), put large "
+                "models on `disk`, or lower the resolution or batch")
     if policy.budget is not None and prediction.weights_peak_bytes > policy.budget.device_memory:
         return (f"predicted to hold {format_bytes(prediction.weights_peak_bytes)} of weights on the device at once, "
                 f"over its own budget of {format_bytes(policy.budget.device_memory)}. Offload more or raise "
@@ -258,7 +272,7 @@ def _plan(args) -> int:
     from .prediction.replay import predict
 
     prediction = predict(args.pipeline, args.policy, hardware=args.hardware, settings=_call_settings(args),
-                         device=args.device)
+                         device=args.device, headroom=args.headroom)
     print(json.dumps(prediction.to_dict(), indent=2) if args.json else prediction)
     return 0
 

@@ -230,8 +230,8 @@ def test_validate_with_hardware_fails_a_policy_that_does_not_fit(capsys):
                  "--hardware", "rtx-4060-8gb"]) == 1
     captured = capsys.readouterr()
     assert "diffusers-default: valid for sdxl on rtx-4060-8gb" in captured.out
-    assert "all-resident.yaml: predicted to need" in captured.err
-    assert "more than rtx-4060-8gb's 8.0 GiB" in captured.err
+    assert "all-resident.yaml: does not fit rtx-4060-8gb: device memory: 10.1 GiB (peak 9.6 GiB + runtime overhead " \
+        "512.0 MiB) on a machine with 8.0 GiB and 409.6 MiB headroom, over by 2.5 GiB" in captured.err
     assert main(["validate", str(resident), "--pipeline", "sdxl", "--hardware", "rtx-4090-24gb"]) == 0
     capsys.readouterr()
     # a prediction needs sizes: a pipeline class is not enough
@@ -300,3 +300,37 @@ def test_explain_sizes_in_the_models_own_dtype_or_the_one_given(capsys):
     assert main(["explain", "diffusers-default", "--pipeline", "flux1-dev", "--dtype", "fp16"]) == 0
     line = [l for l in capsys.readouterr().out.splitlines() if l.startswith("text_encoder_2")][0]
     assert "float16" in line and "10.7 GiB" in line
+
+
+
+def test_validate_with_hardware_fails_a_policy_that_overflows_host_ram_and_names_it(capsys):
+    assert main(["validate", "sequential", "--pipeline", "wan21-t2v-14b", "--hardware", "rtx-3060-12gb"]) == 1
+    err = capsys.readouterr().err
+    assert "does not fit rtx-3060-12gb: host RAM:" in err and "on a machine with 32.0 GiB" in err
+    assert "device memory" not in err.split("(device peak")[0]  # device memory fits: not named
+
+
+def test_plan_prints_every_limit_and_json_carries_them(capsys):
+    assert main(["plan", "diffusers-default", "--pipeline", "sdxl", "--hardware", "rtx-4060-8gb"]) == 0
+    out = capsys.readouterr().out
+    assert "limits of rtx-4060-8gb: fits every limit" in out
+    assert "device memory: " in out and "host RAM: " in out and out.count(": fits") >= 2
+    assert main(["plan", "diffusers-default", "--pipeline", "sdxl", "--hardware", "rtx-4060-8gb", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["fits"] is True
+    assert {c["limit"] for c in data["limits"]} == {"device memory", "host RAM"}
+    device = next(c for c in data["limits"] if c["limit"] == "device memory")
+    assert device["capacity"] == 8 * 2**30 and device["headroom"] == int(0.05 * 8 * 2**30)
+    assert device["available"] == device["capacity"] - device["headroom"] and device["needed"] <= device["available"]
+    # a headroom of one's own
+    assert main(["plan", "diffusers-default", "--pipeline", "sdxl", "--hardware", "rtx-4060-8gb", "--json",
+                 "--headroom", "2GiB"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert all(c["headroom"] == 2 * 2**30 for c in data["limits"])
+    with pytest.raises(SystemExit) as exit_info:
+        main(["plan", "diffusers-default", "--pipeline", "sdxl", "--headroom", "lots"])
+    assert exit_info.value.code == 2 and "cannot read 'lots'" in capsys.readouterr().err
+    # without hardware: no limits
+    assert main(["plan", "diffusers-default", "--pipeline", "sdxl", "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["limits"] == [] and data["fits"] is None

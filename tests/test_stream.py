@@ -327,3 +327,28 @@ def test_no_reference_into_a_pool_slot_outlives_the_call(backend):
             if getattr(state, "CB", None) is not None:
                 assert pack.points_into(pack.host, state.CB), path
     handle.remove()
+
+
+def test_bitsandbytes_4bit_repacked_at_its_first_forward_computes_the_same_every_time():
+    """On a CPU with AVX512-BF16, bitsandbytes repacks a 4-bit layer's weight and state at its first forward and
+    flags it; a packed copy made before that puts the flag back with the layout (else later forwards misread it)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    from offloadkit.runtime.packed_weights import PackedWeights
+
+    torch.manual_seed(0)
+    linear = torch.nn.Linear(128, 128)
+    layer = bnb.nn.LinearNF4(128, 128, compute_dtype=torch.float32)
+    layer.weight = bnb.nn.Params4bit(linear.weight.data.clone(), requires_grad=False, quant_type="nf4")
+    layer.bias = torch.nn.Parameter(linear.bias.data.clone(), requires_grad=False)
+    layer = layer.to("cpu").eval()
+    x = torch.randn(4, 128)
+    pack = PackedWeights([layer.weight, layer.bias], list(layer.modules()))
+    slot = torch.empty(pack.size, dtype=torch.uint8)
+    outputs = []
+    with torch.no_grad():
+        for _ in range(3):
+            pack.copy_to(slot)
+            pack.attach(slot)
+            outputs.append(layer(x))
+            pack.detach()
+    assert all(torch.equal(outputs[0], out) for out in outputs[1:])

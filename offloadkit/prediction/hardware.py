@@ -25,7 +25,7 @@ from ..errors import DeviceError, HardwareError
 from ..policy.documents import DocumentKind, builtin_documents, locate, positions_of, read_source, translate
 from ..policy.schema import VersionOne
 from ..policy.yaml_source import YamlDocument
-from ..units import Bandwidth, Compute, Size, exact_size, format_rate, parse_bandwidth, parse_compute
+from ..units import Bandwidth, Compute, Share, Size, exact_size, format_rate, parse_bandwidth, parse_compute
 
 BUILTIN_PACKAGE = "offloadkit.prediction.builtin_hardware"
 SCHEMA_ID = "https://offloadkit.dev/schemas/hardware.schema.json"
@@ -112,6 +112,14 @@ class HardwareProfile(BaseModel):
         None, description="dtype the `compute` figure is for (float16 on accelerators, float32 on a CPU).")
     measured: Measurement | None = Field(None, description="How and when the values were measured; absent on "
                                          "nominal profiles.")
+    device_headroom: Share = Field("5%", description="Device memory kept free beyond the runtime's own overhead "
+                                   "(fragmentation, other processes), a size or a share of `device_memory`.")
+    host_headroom: Share = Field("10%", description="Host RAM kept free for the system, the Python process and "
+                                 "everything that is not weights, a size or a share of `host_memory`.")
+    pinned_memory: Share = Field("50%", description="Most host RAM that may be page-locked, a size or a share of "
+                                 "`host_memory` (Linux lets about half be pinned comfortably; Windows less).")
+    disk_free: Size | None = Field(None, description="Free space where offloaded weights' files go (`disk`, "
+                                   "`stream` with `from: disk`); unset: not checked.")
 
     @field_validator("measured")
     @classmethod

@@ -90,6 +90,9 @@ class Prediction:
     first_call_bytes_moved: int
     notes: tuple[str, ...] = ()
     pinned_host_bytes: int = 0  # page-locked host RAM the policy takes (pinned transfers, pinned streamed blocks)
+    host_peak_bytes: int = 0  # the most weights in host RAM at any forward of the call
+    disk_peak_bytes: int = 0  # the most weights in disk files
+    limits: tuple = ()  # limits.LimitCheck per limit of the hardware profile (empty without one)
     events: tuple[PredictedEvent, ...] = field(default=(), repr=False, compare=False)
 
     @property
@@ -104,10 +107,17 @@ class Prediction:
         raise UnknownComponentError(f"the prediction has no stage {name!r} (no model runs in it). Stages: "
                                     + ", ".join(repr(s.stage) for s in self.stages))
 
+    @property
+    def fits(self) -> bool | None:
+        """Whether every limit of the hardware profile holds (None without a profile)."""
+        return all(c.fits for c in self.limits) if self.limits else None
+
     def to_dict(self) -> dict:
         data = asdict(self)
         data.pop("events")
         data["required_device_bytes"] = self.required_device_bytes
+        data["limits"] = [c.to_dict() for c in self.limits]
+        data["fits"] = self.fits
         return data
 
     def __str__(self) -> str:
@@ -137,6 +147,10 @@ class Prediction:
             lines.append(f"pinned host RAM {format_bytes(self.pinned_host_bytes)} (in the host RAM figures above)")
         if self.first_call_bytes_moved != self.bytes_moved:
             lines.append(f"first call moves {format_bytes(self.first_call_bytes_moved)} (later calls: the figures above)")
+        if self.limits:
+            verdict = "fits every limit" if self.fits else "does NOT fit"
+            lines.append(f"limits of {self.hardware}: {verdict}")
+            lines.extend(f"  {c.line()}" for c in self.limits)
         lines.extend(f"note: {n}" for n in self.notes)
         return "\n".join(lines)
 
@@ -173,6 +187,7 @@ class _Replay:
         self.resident = {c.name: c.bytes or 0 for c in plan.components if c.rule.home == HOME_DEVICE}
         self.moved = {}  # chained component on the device -> the bytes its onload moved (what offload moves)
         self.events: list = []
+        self.host_peak = self.disk_peak = 0
         self.call = 0
         self.hook_calls = 0  # of the current call
 
@@ -188,12 +203,14 @@ class _Replay:
         self.call_peak = max(self.call_peak, weights)
 
     def _device(self, stage, weights, working):
+        host, disk = self._tiers()
+        self.host_peak, self.disk_peak = max(self.host_peak, host), max(self.disk_peak, disk)
         peak = self.stages.setdefault(stage, _StagePeak())
         device = weights + (working or 0)
         peak.weights = max(peak.weights, weights)
         self.device_weights = max(self.device_weights, weights)
         if device > peak.device:
-            peak.device, peak.working, peak.tiers = device, working, self._tiers()
+            peak.device, peak.working, peak.tiers = device, working, (host, disk)
 
     def _tiers(self):
         """(host, disk) bytes of weights now."""
@@ -362,6 +379,8 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
         first_call_bytes_moved=sum(e.bytes for e in first),
         notes=tuple(notes),
         pinned_host_bytes=pinned,
+        host_peak_bytes=replay.host_peak,
+        disk_peak_bytes=replay.disk_peak,
         events=tuple(replay.events),
     )
 
@@ -389,7 +408,8 @@ def _bandwidths(plan: Plan, streams: dict, hardware):
     return cost
 
 
-def predict(source, policy, *, hardware=None, settings: CallSettings | None = None, device=None) -> Prediction:
+def predict(source, policy, *, hardware=None, settings: CallSettings | None = None, device=None,
+            headroom=None) -> Prediction:
     """Predict one call of a pipeline under `policy`, before loading any weights.
 
     `source` is a built-in architecture name (`offloadkit.prediction.sizing.architecture_names()`), a model
@@ -406,7 +426,8 @@ def predict(source, policy, *, hardware=None, settings: CallSettings | None = No
     policy = load(policy)
     profile = _hardware(hardware)
     own = None if policy.device == "auto" else policy.device  # `auto`: the hardware profile's device decides
-    context = prediction_context(source, hardware=profile, settings=settings, device=device or own)
+    context = prediction_context(source, hardware=profile, settings=settings, device=device or own,
+                                 headroom=headroom)
     plan = resolve(policy, context.spec, context.device, machine=context.machine)
     return context.predict(plan)
 
@@ -425,6 +446,7 @@ class PredictionContext:
     overhead: int
     notes: list
     profiles: dict = field(default_factory=dict)
+    headroom: object = None  # a size or share kept free on the device and in host RAM; None: the profile's own
 
     @property
     def machine(self):
@@ -455,11 +477,15 @@ class PredictionContext:
             prediction = predict_plan(plan, self.modules, self.schedule, self.settings, hardware=self.hardware,
                                       working_memory=self.working, runtime_overhead=self.overhead,
                                       profiles=self.profiles)
+        if self.hardware is not None:
+            from .limits import check_limits
+
+            prediction = replace(prediction, limits=check_limits(prediction, self.hardware, self.headroom))
         return _with_notes(prediction, self.notes) if self.notes else prediction
 
 
 def prediction_context(source, *, hardware=None, settings: CallSettings | None = None,
-                       device=None) -> PredictionContext:
+                       device=None, headroom=None) -> PredictionContext:
     """Size the pipeline, its call and the machine once (see `predict`)."""
     from dataclasses import replace
 
@@ -488,7 +514,16 @@ def prediction_context(source, *, hardware=None, settings: CallSettings | None =
     missing = sorted(set(modules) - set(working or {}))
     if missing:
         notes.append(f"no working-memory estimate for {', '.join(missing)}: weights only for them")
-    return PredictionContext(spec, modules, settings, call, target, profile, working, overhead, notes)
+    if headroom is not None:
+        from ..errors import CallSettingsError
+        from ..units import parse_share
+
+        try:
+            parse_share(headroom)
+        except ValueError as exc:
+            raise CallSettingsError(f"headroom: {exc}") from None
+    return PredictionContext(spec, modules, settings, call, target, profile, working, overhead, notes,
+                             headroom=headroom)
 
 
 def _with_notes(prediction: Prediction, notes) -> Prediction:

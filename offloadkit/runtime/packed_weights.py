@@ -24,7 +24,8 @@ from __future__ import annotations
 
 _ALIGN = 256  # each leaf starts on this boundary: any dtype's view is aligned, and so are vector loads
 _SIDE_ATTRS = ("SCB", "CB")  # bitsandbytes: tensors kept as attributes of the weight or of the layer's state
-_QUANT_STATE_ATTRS = ("absmax", "code", "offset")
+# Wrapper tensors whose packing depends on the device (quanto's int4 TinyGemm and Marlin layouts, AWQ).
+_DEVICE_PACKED = ("TinyGemm", "Marlin", "AWQ")
 
 
 def _round(value: int) -> int:
@@ -71,6 +72,15 @@ def _identity(tensor):
             tensor.dtype)
 
 
+class _LeafRef:
+    """In a snapshot of an object's attributes: the tensor that is leaf `index`."""
+
+    __slots__ = ("index",)
+
+    def __init__(self, index: int):
+        self.index = index
+
+
 class _Tree:
     """A wrapper subclass: its class, flatten context and inner tensors (leaf indices or nested trees)."""
 
@@ -100,7 +110,7 @@ class PackedWeights:
 
         self._leaves: list[_Leaf] = []
         self._by_identity: dict = {}
-        self._holders: list = []  # (kind, object, attribute or None, leaf index or tree)
+        self._holders: list = []  # (kind, object, attribute or None, leaf index, tree or plain value)
         self._sources: list = []  # the live tensor of each leaf, read once to fill the host buffer
         self.size = 0
         seen = set()
@@ -155,6 +165,18 @@ class PackedWeights:
         return _Tree(type(tensor), ctx, tensor.size(), tensor.stride(), inner, extra)
 
     def _add_tensor(self, tensor) -> None:
+        kind = type(tensor).__name__
+        if any(mark in kind for mark in _DEVICE_PACKED):
+            from ..errors import PipelineError
+
+            raise PipelineError(f"a {kind} weight is packed for the device it was made on (its bytes mean "
+                                "something else on another device), so its bytes cannot be copied to the "
+                                "device as they are. Use `strategy: model` with `transfer: standard` for this "
+                                "model, or quantize it with a device-independent format (e.g. quanto qint8)")
+        if kind == "Int8Params" and _is_tensor(getattr(tensor, "CB", None)) \
+                and tensor.CB.device != tensor.data.device:
+            # moved by a parent module's `.to()`, which keeps only `.data`: `CB` is the same int8 data, left behind
+            tensor.CB = tensor.data
         if _is_wrapper(tensor):
             self._holders.append(("swap", tensor, None, self._tree(tensor)))
             return
@@ -162,7 +184,12 @@ class PackedWeights:
         self._add_attrs(tensor, _SIDE_ATTRS)
         state = vars(tensor).get("quant_state")
         while state is not None:  # bitsandbytes 4-bit, with its nested state
-            self._add_attrs(state, _QUANT_STATE_ATTRS)
+            # The whole state is put back each time, not only its tensors: on a CPU with AVX512-BF16 the
+            # layer repacks its weight and rewrites its state at its first forward (absmax, dtype, nesting, a
+            # flag), and the packed copy holds the layout from before that.
+            snapshot = {key: (_LeafRef(self._leaf(value)) if _is_tensor(value) else value)
+                        for key, value in vars(state).items()}
+            self._holders.append(("state", state, None, snapshot))
             state = getattr(state, "state2", None)
 
     def _add_attrs(self, owner, names) -> None:
@@ -195,6 +222,10 @@ class PackedWeights:
                 obj.data = leaves[where]
             elif kind == "attr":
                 setattr(obj, attr, leaves[where])
+            elif kind == "state":
+                vars(obj).clear()
+                vars(obj).update({key: (leaves[value.index] if isinstance(value, _LeafRef) else value)
+                                  for key, value in where.items()})
             else:
                 try:
                     torch.utils.swap_tensors(obj, where.build(leaves))

@@ -7,10 +7,11 @@ The plan's layout (`plans/stream_layout.py`) says which blocks stay. At install:
   the end of call and the trace work as for `model`) copies it to the device in one
   transfer when the model runs, and drops the device copy on offload (copy-free);
 - each streamed block is packed into a host buffer of its own (pinned where the layout
-  says, else pageable, or a memory-mapped file with `from: disk`) and its tensors left on
-  `meta`; a forward pre-hook copies it into a slot of a fixed pool of `prefetch + 1`
-  device buffers, allocated with the model's onload, and a forward hook puts it back on
-  `meta` and frees the slot. No device memory is allocated per block.
+  says, else pageable, or a memory-mapped file with `from: disk`), and its tensors are views
+  of that host buffer between uses; a forward pre-hook copies it into a slot of a fixed pool
+  of `prefetch + 1` device buffers, allocated with the model's onload, and a forward hook
+  points the tensors back at the host buffer and frees the slot. No device memory is
+  allocated per block.
 - On CUDA the copies run on the handle's side stream, `prefetch` blocks ahead of the one
   computing, in the order the blocks ran in the last forward (the model's order at
   first). An event per copy makes the compute stream wait for the block it needs next
@@ -58,6 +59,7 @@ class BlockStream:
         self.seen = []
         self.waits = []  # (compute reached the wait, copy done) event pairs of this call (CUDA)
         self.copies = []  # (copy began, copy done, bytes) of this call (CUDA)
+        self.host_blocked = 0.0  # seconds the host waited in copies from pageable memory this call (CUDA)
 
     # --- the pool, with the model's onload and offload -----------------------------------------
 
@@ -72,6 +74,12 @@ class BlockStream:
         self.slots = [self.pool[i * self.slot_size:(i + 1) * self.slot_size] for i in range(self.slot_count)]
         self.free = deque(range(self.slot_count))
         self.free_after = [None] * self.slot_count
+        if self.side is not None:
+            # The memory may have just been freed by work still queued on the compute stream: the first copy
+            # into each slot waits for that work, as every later one waits for the slot's previous block.
+            allocated = torch.cuda.Event()
+            allocated.record(torch.cuda.current_stream(self.device))
+            self.free_after = [allocated] * self.slot_count
         self.held, self.ready, self.running = {}, {}, set()
 
     def free_pool(self) -> None:
@@ -95,7 +103,10 @@ class BlockStream:
             with torch.cuda.stream(self.side):
                 began = torch.cuda.Event(enable_timing=True)
                 began.record(self.side)
+                queued = time.perf_counter()
                 pack.copy_to(target, non_blocking=pack.pinned)
+                if not pack.pinned:  # from pageable memory the host waits for the copy: nothing overlaps it
+                    self.host_blocked += time.perf_counter() - queued
                 done = torch.cuda.Event(enable_timing=True)
                 done.record(self.side)
             self.ready[path] = done
@@ -124,21 +135,26 @@ class BlockStream:
 
         slot = self.held.pop(path)
         self.ready.pop(path, None)
-        self.packs[path].detach()
-        if self.side is not None:
-            event = torch.cuda.Event()
-            event.record(torch.cuda.current_stream(self.device))
-            self.free_after[slot] = event
-        self.free.append(slot)
+        try:
+            self.packs[path].detach()
+        finally:  # the slot is free again whatever happened (it is rewritten before any use)
+            if self.side is not None:
+                event = torch.cuda.Event()
+                event.record(torch.cuda.current_stream(self.device))
+                self.free_after[slot] = event
+            self.free.append(slot)
 
     # --- the hooks ----------------------------------------------------------------------------------
 
     def begin_forward(self) -> None:
         """The model's forward starts: leftovers of an earlier one go, the first blocks are prefetched."""
         self.allocate()
-        for path in [p for p in self.held if p not in self.running]:
+        self.running = set()  # no block runs before its model's forward starts (one that raised never ended)
+        for path in list(self.held):
             self._drop(path)
         self.seen = []
+        if len(self.waits) > 100_000:  # called outside pipeline calls, which collect them: keep it bounded
+            self.waits, self.copies = self.waits[-10_000:], self.copies[-10_000:]
         for path in self.order[:self.prefetch]:
             if self.free and path not in self.held:
                 self._load(path)
@@ -190,8 +206,9 @@ class BlockStream:
             torch.cuda.synchronize(self.device)
         waited = sum(max(0.0, reached.elapsed_time(done)) for reached, done in self.waits) / 1e3
         copying = sum(began.elapsed_time(done) for began, done, _ in self.copies) / 1e3
+        blocked, self.host_blocked = self.host_blocked, 0.0
         self.waits, self.copies = [], []
-        return {"exposed_seconds": waited, "copy_seconds": copying}
+        return {"exposed_seconds": waited + blocked, "copy_seconds": copying}
 
 
 class StreamedModelCopy(PackedCopy):
@@ -218,6 +235,14 @@ class StreamedModelCopy(PackedCopy):
 
 class StreamModelHook(ChainOffloadHook):
     """The chain hook of a `stream` component: also starts and ends the blocks' stream of each forward."""
+
+    def _onload(self, module) -> bool:
+        # Residency is the core's device copy: the model's first parameter may be a streamed block's (on the host).
+        state = self.state
+        if state.resident and state.host_copy.device_buffer is not None:
+            state.host_copy.wait(self.execution_device)
+            return False
+        return super()._onload(module)
 
     @compiler_disabled
     def pre_forward(self, module, *args, **kwargs):
@@ -254,14 +279,18 @@ def install(handle, name, module, rule, previous):
     for pack in packs.values():
         pack.detach()
     stats = handle.stream_stats(name, tier="disk" if disk is not None else "cpu")
-    stream = BlockStream(packs, dict(layout.blocks), rule.prefetch, handle.device, handle.prefetch_stream(), stats, disk)
+    # A side stream of its own: block copies do not queue behind another model's prefetch on the handle's.
+    import torch
+
+    side = torch.cuda.Stream(handle.device) if cuda else None
+    stream = BlockStream(packs, dict(layout.blocks), rule.prefetch, handle.device, side, stats, disk)
     stats.report = lambda: {"resident_blocks": len(layout.resident), "streamed_blocks": len(layout.streamed),
                             **stream.report()}
     hooks = []
     for path in layout.streamed:
         block = blocks[path]
         hooks.append(block.register_forward_pre_hook(_before(stream, path)))
-        hooks.append(block.register_forward_hook(_after(stream, path)))
+        hooks.append(block.register_forward_hook(_after(stream, path), always_call=True))
     handle.keep_weights(name, (hooks, disk))
     state = handle.track_residency(name, module, keep=rule.keep_on_device, nbytes=layout.core_bytes,
                                    device_bytes=layout.device_bytes)
