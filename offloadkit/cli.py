@@ -65,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     synth.add_argument("--device", help="device of the policy (default: the profile's, else cuda)")
     synth.add_argument("-o", "--output", type=Path, help="write the policy here (default: print it)")
     synth.add_argument("--force", action="store_true", help="overwrite --output if it exists")
+    synth.add_argument("--allow-quantize", action="store_true",
+                       help="also search `quantize: int8` (it changes numerics; fp8 storage is searched anyway, "
+                            "after every policy that keeps the weights as they are)")
     _add_call_arguments(synth)
 
     calibrate = commands.add_parser("calibrate", help="measure this machine and write a hardware profile")
@@ -288,7 +291,7 @@ def _synthesize(args) -> int:
               file=sys.stderr)
         return 1
     result = synthesize(args.pipeline, hardware=args.hardware, budget=args.vram, settings=_call_settings(args),
-                        device=args.device)
+                        device=args.device, allow_quantize=args.allow_quantize, headroom=args.headroom)
     if args.output is None:
         print(result.text, end="")
         return 0

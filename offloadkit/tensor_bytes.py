@@ -79,6 +79,11 @@ def module_sizes(module) -> dict[str, int]:
     return sizes
 
 
+def planned_context():
+    """The planned sizes in effect now (None outside `planned_sizes`), as an object to key caches by."""
+    return _PLANNED.get()
+
+
 @contextlib.contextmanager
 def planned_sizes(sizes: dict):
     """Within the block, `tensor_bytes(t)` is `sizes[id(t)]` for the tensors it names."""

@@ -64,7 +64,9 @@ def test_a_roomy_budget_keeps_everything_resident_and_a_tight_one_streams():
 
 
 def test_nothing_fits_is_a_clear_error():
-    with pytest.raises(SynthesisError, match="no policy fits budget 1.0 MiB: the least device memory"):
+    with pytest.raises(SynthesisError, match=r"no policy fits budget 1.0 MiB. The closest searched policy is still "
+                                             r"over on device memory: .* on a budget of 1.0 MiB, over by .*Lower the "
+                                             r"resolution or batch, or pass --allow-quantize"):
         synthesize("sd15", budget="1MiB")
 
 
@@ -108,3 +110,33 @@ def test_a_quantized_model_is_searched_only_with_strategies_its_backend_runs():
     # one byte less and no policy a quanto UNet can run fits: said so, not answered with a refused strategy
     with pytest.raises(SynthesisError, match="no policy fits"):
         offloadkit.synthesize(pipe, budget=tight - 1, device="cpu", settings=call)
+
+
+@pytest.mark.parametrize("architecture", ["flux1-dev", "wan21-t2v-14b"])
+def test_a_12gb_card_with_32gb_of_ram_gets_a_policy_that_fits_every_limit(architecture):
+    """Issue 13's new user: the policy written for an RTX 3060 12 GB with 32 GB of RAM fits every limit, with the
+    profile's headroom kept free, and `plan` of the written file says so."""
+    result = synthesize(architecture, hardware="rtx-3060-12gb")
+    assert result.prediction.fits
+    limits = {c.limit: c for c in result.prediction.limits}
+    assert limits["device memory"].headroom > 0 and limits["host RAM"].headroom > 0
+    assert limits["device memory"].needed <= 12 * 2**30 - limits["device memory"].headroom
+    assert limits["host RAM"].needed <= 32 * 2**30 - limits["host RAM"].headroom
+    assert result.policy.components["transformer"].strategy == "stream"  # the denoiser does not fit whole
+    assert "fits" in result.text and "OVER" not in result.text
+    again = predict(architecture, result.policy, hardware="rtx-3060-12gb")
+    assert again.fits and again.device_peak_bytes == result.prediction.device_peak_bytes
+
+
+def test_quantize_is_searched_only_when_allowed_and_fp8_storage_after_the_exact_options():
+    from offloadkit.prediction.synthesis import _options
+    from offloadkit.prediction.sizing import spec_from_folder
+
+    unet = spec_from_folder("sd15").get("unet")
+    plain = _options(unet, "cuda", allow_quantize=False)
+    assert not any("quantize" in rule for _, rule in plain)
+    assert [penalty for penalty, _ in plain] == sorted(penalty for penalty, _ in plain)  # exact ones first
+    assert any(rule.get("storage_dtype") == "float8_e4m3fn" for _, rule in plain)
+    allowed = _options(unet, "cuda", allow_quantize=True)
+    assert any(rule.get("quantize") == "int8" for penalty, rule in allowed if penalty == 2)
+    assert {rule["strategy"] for _, rule in plain} >= {"resident", "model", "stream", "group", "sequential", "disk"}

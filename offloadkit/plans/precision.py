@@ -75,13 +75,14 @@ def castable_layers(module) -> list[tuple[str, object]]:
     import torch
 
     patterns = _skip_patterns(module)
+    skip = re.compile("|".join(f"(?:{p})" for p in patterns)) if patterns else None  # one search per module
     types = _castable_types()
     is_diffusers = any(c.__module__.startswith("diffusers") for c in type(module).__mro__)
     skip_types = () if is_diffusers else (torch.nn.Embedding,)
     found = []
 
     def walk(sub, prefix):
-        if prefix and any(re.search(p, prefix) for p in patterns):
+        if prefix and skip is not None and skip.search(prefix):
             return
         if isinstance(sub, skip_types):
             return

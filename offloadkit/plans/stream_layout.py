@@ -234,6 +234,10 @@ class Machine:
     device_total: int | None = None
     host_ram: int | None = None
     system: str = ""  # platform.system(): "Linux", "Windows", ...
+    working: tuple = ()  # (component, working memory of one forward) pairs, where the planner estimated them
+
+    def working_of(self, name: str) -> int:
+        return dict(self.working).get(name, 0)
 
     def pinned_cap(self, setting, device_type: str) -> int:
         """Bytes of host RAM the policy's `pinned_memory` allows (0 without CUDA or a known host RAM)."""
@@ -253,6 +257,7 @@ class DeviceRoom:
     total: int | None = None
     others: int = 0  # bytes other components keep on the device meanwhile (resident, kept models)
     device_type: str = "cuda"
+    working: int = 0  # the component's working memory per forward, where known (else `headroom` covers it)
 
 
 def layout(module, rule, room: DeviceRoom, pinned_available: int = 0, whole: bool = False) -> StreamLayout:
@@ -261,16 +266,13 @@ def layout(module, rule, room: DeviceRoom, pinned_available: int = 0, whole: boo
     `whole`: a model without blocks to find moves as a whole (for `components.*` rules) instead of failing.
     """
     try:
-        blocks = find_blocks(module, rule.blocks)
+        sizes, rest_bytes = block_sizes(module, rule.blocks)
     except BlocksNotFound:
         if not whole or rule.blocks is not None:
             raise
         rest = sum(tensor_bytes(t) for t in _tensors(module).values())
         return StreamLayout((), (), (), rest, rule.prefetch, rule.source,
                             "no top-level ModuleList of blocks: moves as a whole")
-    inside, rest = block_tensors(module, blocks)
-    sizes = tuple((path, sum(tensor_bytes(t) for t in inside[path].values())) for path, _ in blocks)
-    rest_bytes = sum(tensor_bytes(t) for t in rest.values())
     total = len(sizes)
 
     def build(count, reason):
@@ -306,9 +308,10 @@ def _auto(build, total, rule, room: DeviceRoom) -> StreamLayout:
         limit = room.budget - room.others
         what = f"fits the budget of {format_bytes(room.budget)}"
     elif room.free is not None:
-        headroom = share_bytes(rule.headroom, room.total or room.free)
+        headroom = max(share_bytes(rule.headroom, room.total or room.free), room.working)
         limit = room.free - headroom - room.others
-        what = f"fits {format_bytes(room.free)} free less {format_bytes(headroom)} headroom"
+        kept = "headroom" if headroom > room.working else "working memory"
+        what = f"fits {format_bytes(room.free)} free less {format_bytes(headroom)} {kept}"
     elif room.device_type == "cpu":
         return build(total, "`resident: auto` on the CPU without a budget: every block")
     else:
@@ -348,7 +351,33 @@ def resized(draft: StreamLayout, module, rule) -> StreamLayout:
     """The same choice of blocks with the sizes the module's tensors have now (after a precision change)."""
     from dataclasses import replace
 
-    blocks = find_blocks(module, rule.blocks) if draft.blocks else []
-    inside, rest = block_tensors(module, blocks)
-    sizes = tuple((path, sum(tensor_bytes(t) for t in inside[path].values())) for path, _ in blocks)
-    return replace(draft, blocks=sizes, rest_bytes=sum(tensor_bytes(t) for t in rest.values()))
+    if not draft.blocks:
+        return replace(draft, rest_bytes=sum(tensor_bytes(t) for t in _tensors(module).values()))
+    sizes, rest_bytes = block_sizes(module, rule.blocks)
+    return replace(draft, blocks=sizes, rest_bytes=rest_bytes)
+
+
+_SIZES: "weakref.WeakKeyDictionary" = None  # module -> {(paths, sizes in effect): (sizes, rest bytes)}
+
+
+def block_sizes(module, paths) -> tuple[tuple[tuple[str, int], ...], int]:
+    """((block path, bytes), ...) in the model's order and the bytes of the rest, cached per module.
+
+    Synthesis resolves the same model under many rules: walking its module tree once is enough. Under
+    planned sizes (`tensor_bytes.planned_sizes`, for precision changes) nothing is cached.
+    """
+    import weakref
+
+    from ..tensor_bytes import planned_context
+
+    global _SIZES
+    if _SIZES is None:
+        _SIZES = weakref.WeakKeyDictionary()
+    key = tuple(paths) if paths is not None else None
+    cached = _SIZES.setdefault(module, {}) if planned_context() is None else {}  # planned sizes: not cached
+    if key not in cached:
+        blocks = find_blocks(module, paths)
+        inside, rest = block_tensors(module, blocks)
+        cached[key] = (tuple((path, sum(tensor_bytes(t) for t in inside[path].values())) for path, _ in blocks),
+                       sum(tensor_bytes(t) for t in rest.values()))
+    return cached[key]

@@ -12,7 +12,7 @@ outside the strategy's own files compares strategy names:
 - `offloaded_by` (unchained strategies): what sends its weights back, as the plan shows it;
 - `runs_on_device`: whether its forward runs on the execution device;
 - `weights_tier`: where the weights sit for the planner's host/disk figures;
-- `synthesis_rank` and `fastest()`: whether and how synthesis searches it.
+- `synthesis_rank`, `fastest()` and `search_forms()`: whether and how synthesis searches it.
 
 The installer of a strategy is runtime code, registered by rule class in
 `offloadkit.runtime.strategies`; the planner's stream profile likewise in
@@ -61,8 +61,13 @@ class StrategyRule(BaseModel):
 
     @classmethod
     def fastest(cls, device_type: str) -> "StrategyRule":
-        """The form of this strategy synthesis tries on a device type (default: the defaults)."""
+        """The fastest form of this strategy on a device type (default: the defaults)."""
         return cls.default()
+
+    @classmethod
+    def search_forms(cls, device_type: str) -> list["StrategyRule"]:
+        """The forms synthesis tries, fastest first (default: `fastest()` alone)."""
+        return [cls.fastest(device_type)]
 
     def with_defaults(self, *keys: str) -> "StrategyRule":
         """The same rule with these options (those it has) back at their defaults."""
@@ -108,6 +113,11 @@ class StrategyRule(BaseModel):
     def uploads_ahead(self) -> bool:
         """Whether a chained component's upload starts while the model before it in the chain runs."""
         return False
+
+    @property
+    def pins_host_copy(self) -> bool:
+        """Whether the whole component's host copy is page-locked while the policy is applied (on CUDA)."""
+        return self.onload_pinned
 
     def device_problem(self, device_type: str) -> str | None:
         """Why this rule cannot run on that kind of device, or None."""
@@ -229,6 +239,12 @@ class ModelRule(PrecisionRule):
     def fastest(cls, device_type: str) -> "ModelRule":
         return cls(strategy=cls.name, transfer="copy-free" if device_type == "cpu" else "pinned")
 
+    @classmethod
+    def search_forms(cls, device_type: str) -> list["ModelRule"]:
+        # pinned where it fits the machine's pinned RAM, else copy-free from pageable memory
+        forms = [cls.fastest(device_type)]
+        return forms if device_type == "cpu" else forms + [cls(strategy=cls.name, transfer="copy-free")]
+
     @property
     def onload_pinned(self) -> bool:
         return self.transfer == "pinned"
@@ -271,7 +287,7 @@ class GroupRule(PrecisionRule):
         "encoders: e.g. `[text_model.encoder.layers]`). Default: the model's own setting.",
     )
 
-    synthesis_rank: ClassVar[int | None] = 2
+    synthesis_rank: ClassVar[int | None] = 3
 
     @model_validator(mode="after")
     def _stream_options_need_a_stream(self):
@@ -287,6 +303,10 @@ class GroupRule(PrecisionRule):
     @property
     def offloaded_by(self) -> str | None:
         return "after each group"
+
+    @property
+    def pins_host_copy(self) -> bool:
+        return self.use_stream and not self.low_cpu_mem_usage  # diffusers keeps a pinned copy of every group
 
     def device_problem(self, device_type: str) -> str | None:
         if self.use_stream and device_type == "cpu":
@@ -305,7 +325,7 @@ class SequentialRule(PrecisionRule):
     )
 
     home: ClassVar[str] = "meta (host RAM)"
-    synthesis_rank: ClassVar[int | None] = 3
+    synthesis_rank: ClassVar[int | None] = 4
 
     @property
     def offloaded_by(self) -> str | None:
@@ -333,6 +353,11 @@ class DiskRule(PrecisionRule):
 
     home: ClassVar[str] = "meta (disk)"
     weights_tier: ClassVar[str | None] = DISK
+    synthesis_rank: ClassVar[int | None] = 5
+
+    @classmethod
+    def fastest(cls, device_type: str) -> "DiskRule":
+        return cls(strategy=cls.name, granularity="block")
 
     @model_validator(mode="after")
     def _block_streaming_keeps_buffers(self):
@@ -408,6 +433,7 @@ class StreamRule(PrecisionRule):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
     chained: ClassVar[bool] = True
     block_layout: ClassVar[bool] = True
+    synthesis_rank: ClassVar[int | None] = 2
 
     @model_validator(mode="after")
     def _folder_is_for_disk(self):

@@ -26,6 +26,7 @@ class LimitCheck:
     capacity: int | None  # what the machine has (None: unknown, not checked)
     headroom: int
     detail: str  # what `needed` is made of
+    within: str = "a machine with"  # how `capacity` is named in messages ("a budget of" for a budget)
 
     @property
     def available(self) -> int | None:
@@ -57,9 +58,9 @@ class LimitCheck:
 
     def message(self) -> str:
         """The limit as an error names it, with its numbers."""
-        return (f"{self.limit}: {format_bytes(self.needed)} ({self.detail}) on a machine with "
-                f"{format_bytes(self.capacity)} and {format_bytes(self.headroom)} headroom, over by "
-                f"{format_bytes(self.over)}")
+        keep = f" and {format_bytes(self.headroom)} headroom" if self.headroom else ""
+        return (f"{self.limit}: {format_bytes(self.needed)} ({self.detail}) on {self.within} "
+                f"{format_bytes(self.capacity)}{keep}, over by {format_bytes(self.over)}")
 
     def to_dict(self) -> dict:
         return {**asdict(self), "available": self.available, "fits": self.fits, "over": self.over}

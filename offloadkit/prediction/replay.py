@@ -354,7 +354,7 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
             layout = resized(c.stream, modules[c.name], c.rule) if c.name in modules else c.stream
             notes.append(f"{c.name}: {layout.summary()}")
             pinned += pinned_bytes(layout)
-        elif c.rule.onload_pinned and plan.device.type == "cuda":
+        elif c.rule.pins_host_copy and plan.device.type == "cuda":
             pinned += c.bytes or 0
     for note in dict.fromkeys(stream_note(c.rule) for c in plan.components):
         if note:
@@ -403,7 +403,8 @@ def _bandwidths(plan: Plan, streams: dict, hardware):
         profile = streams[name]  # a `stream` event
         if profile.source == DISK:
             return nbytes / hardware.disk_read + nbytes / pageable, False
-        return nbytes / (pinned if profile.pinned else pageable), profile.overlapped
+        share = profile.pinned_share
+        return nbytes * share / pinned + nbytes * (1 - share) / pageable, profile.overlapped
 
     return cost
 
@@ -455,9 +456,14 @@ class PredictionContext:
 
         if self.hardware is None:
             return Machine()
+        from ..units import share_bytes
+
         memory = self.hardware.device_memory
-        return Machine(device_free=memory - self.overhead, device_total=memory,
-                       host_ram=self.hardware.host_memory, system="Linux")
+        # what the limits check keeps free is not for blocks either
+        kept = share_bytes(self.headroom or self.hardware.device_headroom, memory)
+        return Machine(device_free=memory - self.overhead - kept, device_total=memory,
+                       host_ram=self.hardware.host_memory, system="Linux",
+                       working=tuple(sorted((self.working or {}).items())))
 
     def predict(self, plan: Plan) -> Prediction:
         from dataclasses import replace
@@ -468,7 +474,10 @@ class PredictionContext:
         sizes = {}
         for c in plan.components:
             if c.name in changed:
-                sizes.update(precision.planned_tensor_bytes(changed[c.name], c.rule))
+                key = ("planned", c.name, c.rule.storage_dtype, c.rule.quantize, c.rule.quantize_with)
+                if key not in self.profiles:  # the same change sized once per context (the modules do not change)
+                    self.profiles[key] = precision.planned_tensor_bytes(changed[c.name], c.rule)
+                sizes.update(self.profiles[key])
         with planned_sizes(sizes):
             if changed:
                 plan = replace(plan, components=tuple(

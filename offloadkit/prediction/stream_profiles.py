@@ -57,6 +57,13 @@ class StreamProfile:
     chained_bytes: int | None = None
     device_bytes: int | None = None
     disk_bytes: int = 0
+    pinned_fraction: float | None = None  # of the streamed bytes, from pinned memory (None: all or none, `pinned`)
+
+    @property
+    def pinned_share(self) -> float:
+        if self.pinned_fraction is not None:
+            return self.pinned_fraction
+        return 1.0 if self.pinned else 0.0
 
 
 def _nbytes(tensors) -> int:
@@ -184,10 +191,12 @@ def _stream_profile(module, rule: StreamRule, layout) -> StreamProfile:
     # The pool is held from the onload on, so the blocks' loads add nothing to the device count.
     layout = resized(layout, module, rule)
     on_disk = layout.source == DISK
-    return StreamProfile(layout.streamed_bytes, 0, len(layout.streamed), source=DISK if on_disk else HOST,
+    streamed = layout.streamed_bytes
+    return StreamProfile(streamed, 0, len(layout.streamed), source=DISK if on_disk else HOST,
                          pinned=bool(layout.streamed) and not layout.pageable, overlapped=True,
                          chained_bytes=layout.core_bytes, device_bytes=layout.device_bytes,
-                         disk_bytes=layout.streamed_bytes if on_disk else 0)
+                         disk_bytes=streamed if on_disk else 0,
+                         pinned_fraction=layout.bytes_of(layout.pinned) / streamed if streamed else None)
 
 
 def _disk_profile(module, rule: DiskRule) -> StreamProfile:

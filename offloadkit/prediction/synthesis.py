@@ -1,21 +1,22 @@
-"""Writing the policy predicted fastest among those that fit a memory limit.
+"""Writing the policy predicted fastest among those that fit every limit of a machine.
 
-The search tries, for every model of the pipeline, every strategy whose rule
-class has a `synthesis_rank` (`resident`, `model` with pinned transfers on
-accelerators and copy-free on the CPU, `group` with a prefetching stream on
-CUDA, `sequential`), in the form its `fastest()` gives; every combination is
-predicted (`predict.py`) and the fastest one whose peak device memory fits is
-written out. With up to six models that is at most 4^6 predictions; beyond
-that the largest models are searched and the rest take `model`.
+Every model of the pipeline has a list of options, fastest first: each strategy whose rule class
+has a `synthesis_rank` (`resident`; `model` with pinned transfers on accelerators, copy-free on the
+CPU; `stream` with `resident: auto`; `group` with a prefetching stream on CUDA; `sequential`;
+`disk` by blocks), in the form its `fastest()` gives and only where the model's quantization
+backend can run it; then the same with `storage_dtype: float8_e4m3fn` (half the bytes of 16-bit
+weights), and, only with `allow_quantize` (it changes numerics more), with `quantize: int8`.
 
-"Fastest" is the predicted time a call spends on offloading, compute left out:
-every copy at its full length (copies that could overlap compute, such as group
-offloading's prefetch, included: the compute they would hide behind is not
-modelled yet), plus an assumed cost per hook invocation (`HOOK_SECONDS`; a
-layer-level strategy runs thousands a step). Without a hardware profile the
-copies are timed at the nominal rates of a PCIe 4.0 x16 card (the built-in
-`rtx-4090-24gb` profile). Ties go to fewer hooks: resident, model, group,
-sequential, in that order (their `synthesis_rank`).
+The limits are those of `offloadkit.prediction.limits` (device memory, host RAM, pinned host RAM,
+disk, each less its headroom); `budget` replaces the device's. The search starts with every model
+at its first option and, while some limit is over, makes the one change of one model's option that
+fits, or else the one that takes the most bytes off the limits per second it adds; once all fit it
+keeps making changes that lower the predicted cost and still fit. The cost is a precision change
+first (a policy that keeps the weights as they are wins when one fits), then the predicted time a
+call spends on offloading: every copy at its full length (overlappable ones included: compute is
+not modelled yet), plus an assumed cost per hook invocation (`HOOK_SECONDS`). Without a hardware
+profile the copies are timed at the nominal rates of the built-in `rtx-4090-24gb` profile and only
+the device memory limit is checked.
 """
 
 from __future__ import annotations
@@ -27,19 +28,23 @@ from ..errors import OffloadkitError, SynthesisError
 from ..plans.library_gates import limit_for
 from ..plans.resolve import resolve
 from ..policy.loading import load
-from ..policy.rules import RULES, ModelRule, StrategyRule
+from ..policy.rules import DISK, HOME_DEVICE, RULES, StrategyRule
 from ..units import format_bytes, parse_bytes
+from .limits import DEVICE, DISK_SPACE, HOST_RAM, PINNED, LimitCheck, binding, check_limits
 from .replay import prediction_context
 
-_SEARCHED = 6  # models searched exhaustively (4^6 = 4096 predictions at most)
 # Host-side cost of one offload hook invocation (an assumption, not a measurement of any GPU machine:
 # Accelerate's layer hooks look up and place each tensor in Python; 0.1 ms is the order seen per call).
 HOOK_SECONDS = 1e-4
 NOMINAL_HARDWARE = "rtx-4090-24gb"  # transfer rates used when no profile is given
+_STORAGE = {"storage_dtype": "float8_e4m3fn"}
+_QUANTIZE = {"quantize": "int8"}
+_STEPS = 64  # changes the search makes at most before it gives up
+_PAIRED = 2  # the largest models whose options are also changed two at a time
 
 
 def _candidates() -> tuple[type[StrategyRule], ...]:
-    """The searched strategies' rule classes, cheapest to run first (the tie-break order)."""
+    """The searched strategies' rule classes, cheapest to run first."""
     ranked = [rule for rule in RULES.values() if rule.synthesis_rank is not None]
     return tuple(sorted(ranked, key=lambda rule: rule.synthesis_rank))
 
@@ -70,25 +75,177 @@ class Synthesis:
             raise SynthesisError(f"cannot write {path} ({exc.strerror or exc}). Choose another file") from None
 
 
-def _rule(strategy: type[StrategyRule], device_type: str, component=None) -> dict | None:
-    """The fastest form of `strategy` for the device (as the YAML writes it); for a quantized component one its
-    backend can run, or None."""
-    rule = strategy.fastest(device_type)
+def _rule(strategy: type[StrategyRule], device_type: str, component=None, extra=None, form=None) -> dict | None:
+    """A form of `strategy` for the device (its fastest by default; as the YAML writes it), with `extra` options;
+    None when the component's quantization backend cannot run it."""
+    form = form if form is not None else strategy.fastest(device_type)
+    rule = strategy.model_validate({**form.set_options(), **(extra or {})})
     backend = getattr(component, "quantization", None)
     limit = limit_for(backend, rule)
-    if limit is not None and limit.options:  # e.g. no data-swapping transfer for torchao: the plain one
+    if limit is not None and limit.options:  # an option the backend cannot run: the rule without it
         written = {k: v for k, v in rule.set_options().items() if k not in limit.options}
         rule = strategy.model_validate(written)
         limit = limit_for(backend, rule)
     return None if limit is not None else rule.set_options()
 
 
-def synthesize(source, *, hardware=None, budget=None, settings=None, device=None, name: str | None = None) -> Synthesis:
-    """The policy predicted fastest whose peak device memory fits `budget` (or the hardware's memory).
+def _options(component, device_type: str, allow_quantize: bool) -> list[tuple[int, dict]]:
+    """(precision penalty, rule) for one model, fastest first within each penalty."""
+    tiers = [(0, None)]
+    if component.quantization is None:  # precision changes are for float weights
+        tiers.append((1, _STORAGE))
+        if allow_quantize:
+            tiers.append((2, _QUANTIZE))
+    options = []
+    for penalty, extra in tiers:
+        for strategy in _candidates():
+            for form in strategy.search_forms(device_type):
+                try:
+                    rule = _rule(strategy, device_type, component, extra, form)
+                except ValueError:  # e.g. a precision option the rule class does not take
+                    continue
+                if rule is not None and (penalty, rule) not in options:
+                    options.append((penalty, rule))
+    return options
+
+
+class _Search:
+    """Predictions of policies given as one option index per model, cached; their limits and cost."""
+
+    def __init__(self, context, models, options, budget, check_host):
+        self.context = context
+        self.models = models
+        self.options = options
+        self.budget = budget
+        self.check_host = check_host
+        self.cache: dict = {}
+        self.fitting = 0
+
+    def rules(self, state) -> dict:
+        return {c.name: self.options[c.name][i][1] for c, i in zip(self.models, state)}
+
+    def evaluate(self, state):
+        """(prediction, limit checks, cost) or None when the policy cannot be resolved."""
+        if state in self.cache:
+            return self.cache[state]
+        policy = load({"version": 1, "device": self.context.device, "components": self.rules(state)})
+        try:
+            prediction = self.context.predict(resolve(policy, self.context.spec, self.context.device,
+                                                      machine=self.context.machine))
+        except OffloadkitError:  # a rule this pipeline or device cannot run (e.g. a model without blocks)
+            result = None
+        else:
+            checks = self.limits(prediction)
+            penalty = sum(self.options[c.name][i][0] for c, i in zip(self.models, state))
+            result = (prediction, checks, (penalty, _offload_seconds(prediction)))
+            self.fitting += not binding(checks)
+        self.cache[state] = result
+        return result
+
+    def limits(self, prediction) -> tuple[LimitCheck, ...]:
+        checks = [c for c in prediction.limits if self.check_host or c.limit == DEVICE]
+        if self.budget is not None:
+            checks = [c for c in checks if c.limit != DEVICE]
+            checks.insert(0, LimitCheck(DEVICE, prediction.device_peak_bytes, self.budget, 0,
+                                        "the predicted peak", within="a budget of"))
+        return tuple(checks)
+
+    def neighbours(self, state):
+        """States one model's option away."""
+        for k, component in enumerate(self.models):
+            for i in range(len(self.options[component.name])):
+                if i != state[k]:
+                    yield state[:k] + (i,) + state[k + 1:]
+
+    def pairs(self, state):
+        """States two models' options away, for the largest models (a trade one change alone cannot make:
+        the text encoder to disk *and* the denoiser to `stream`)."""
+        largest = range(min(_PAIRED, len(self.models)))
+        for a in largest:
+            for b in largest:
+                if b <= a:
+                    continue
+                for i in range(len(self.options[self.models[a].name])):
+                    for j in range(len(self.options[self.models[b].name])):
+                        if i != state[a] and j != state[b]:
+                            trial = list(state)
+                            trial[a], trial[b] = i, j
+                            yield tuple(trial)
+
+
+def _over(checks) -> int:
+    return sum(c.over for c in checks)
+
+
+def _descend(search: _Search, start):
+    """Change one model's option at a time (or two of the largest models' at once, where one change does not do)
+    until every limit fits, then while the cost falls; the best state reached."""
+    state, current = start, search.evaluate(start)
+    for _ in range(_STEPS):
+        if current is None:
+            break
+        over = _over(current[1])
+        singles = _evaluated(search, search.neighbours(state))
+        if over:
+            chosen = _cheapest_fitting(singles) or _cheapest_fitting(_evaluated(search, search.pairs(state)))
+            if chosen is None:  # nothing fits yet: the change that takes most bytes off per second it adds
+                gains = [((over - _over(r[1])) / max(_cost_value(r[2]) - _cost_value(current[2]), 1e-6), t, r)
+                         for t, r in singles if _over(r[1]) < over]
+                chosen = max(gains, key=lambda x: x[0])[1:] if gains else None
+        else:  # the steepest step among one and two changes: a single change first can block a better pair
+            chosen = _cheapest_fitting(singles + _evaluated(search, search.pairs(state)), below=current[2])
+        if chosen is None:
+            break
+        state, current = chosen
+    return state, current
+
+
+def _evaluated(search, states) -> list:
+    return [(t, r) for t, r in ((t, search.evaluate(t)) for t in states) if r is not None]
+
+
+def _cheapest_fitting(trials, below=None):
+    """(state, result) of the cheapest trial that fits every limit (and costs less than `below`), or None."""
+    fitting = [(r[2], t, r) for t, r in trials if not binding(r[1]) and (below is None or r[2] < below)]
+    return min(fitting, key=lambda x: x[0])[1:] if fitting else None
+
+
+def _starts(models, options) -> list[tuple]:
+    """Where descents start: every model at its fastest option, and every model offloaded whole (`model`, the
+    chain diffusers uses), from which one change of the largest model (to `stream`) often fits."""
+    first = tuple(0 for _ in models)
+    chained = tuple(next((i for i, (penalty, rule) in enumerate(options[c.name]) if not penalty
+                          and RULES[rule["strategy"]].chained), 0) for c in models)
+    return list(dict.fromkeys([first, chained]))
+
+
+def _best_descent(search: _Search, models, options):
+    """The best end of the descents from every start: fitting first, then the lowest cost."""
+    ends = [_descend(search, start) for start in _starts(models, options)]
+    ends = [(state, result) for state, result in ends if result is not None]
+    if not ends:
+        return None, None
+
+    def rank(end):
+        state, (prediction, checks, cost) = end
+        return (bool(binding(checks)), _over(checks), cost)
+
+    return min(ends, key=rank)
+
+
+def _cost_value(cost) -> float:
+    penalty, seconds = cost
+    return penalty * 1e4 + seconds
+
+
+def synthesize(source, *, hardware=None, budget=None, settings=None, device=None, name: str | None = None,
+               allow_quantize: bool = False, headroom=None) -> Synthesis:
+    """The policy predicted fastest that fits every limit of the hardware (and `budget`, if given).
 
     `source` is a built-in architecture, a model folder or a loaded pipeline. `budget` is a size
-    (`8GiB`, bytes) for the device memory the call may use; without it, the hardware profile's
-    memory less the runtime's overhead.
+    (`8GiB`, bytes) for the device memory the call may use, in place of the hardware's; `headroom`
+    (a size or a share) replaces the profile's own. `allow_quantize` lets the search use
+    `quantize: int8`, which changes numerics.
 
     Example::
 
@@ -96,67 +253,74 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
         result.write("sdxl-8gb.yaml")
     """
     nominal = hardware is None
-    context = prediction_context(source, hardware=hardware or NOMINAL_HARDWARE, settings=settings, device=device)
+    context = prediction_context(source, hardware=hardware or NOMINAL_HARDWARE, settings=settings, device=device,
+                                 headroom=headroom)
     if budget is not None:
         try:
             limit = parse_bytes(budget)
         except ValueError as exc:
             raise SynthesisError(f"budget: {exc}") from None
         limit_source = f"budget {format_bytes(limit)}"
+        if not nominal:
+            limit_source += f" and {context.hardware.name}'s other limits"
     elif not nominal:
-        limit = context.hardware.device_memory - context.overhead
-        limit_source = (f"{context.hardware.name}'s {format_bytes(context.hardware.device_memory)} less "
-                        f"{format_bytes(context.overhead)} runtime overhead")
+        limit = None
+        limit_source = f"{context.hardware.name}"
     else:
         raise SynthesisError("a policy is synthesised for a memory limit: pass a budget (e.g. '8GiB') or a hardware "
                              "profile")
     device_type = context.device.type
-    order = _candidates()
     models = [c for c in context.spec.components if c.is_model and c.present]
     models.sort(key=lambda c: -(c.bytes or 0))
-    searched, fixed = models[:_SEARCHED], models[_SEARCHED:]
-    host_limit = getattr(context.hardware, "host_memory", None)
-
-    best = None
-    candidates = fitting = 0
-    for choice in itertools.product(order, repeat=len(searched)):
-        rules = {c.name: _rule(s, device_type, c) for c, s in zip(searched, choice)}
-        rules.update({c.name: _rule(ModelRule, device_type, c) for c in fixed})
-        if None in rules.values():
-            continue  # a strategy a quantized model's backend cannot run
-        policy = load({"version": 1, "device": context.device, "components": rules})
-        try:
-            plan = resolve(policy, context.spec, context.device, machine=context.machine)
-        except OffloadkitError:
-            continue  # e.g. a rule the device cannot run
-        prediction = context.predict(plan)
-        candidates += 1
-        if prediction.device_peak_bytes > limit:
-            continue
-        host = max((s.host_bytes for s in prediction.stages), default=0)
-        if host_limit is not None and host > host_limit:
-            continue
-        fitting += 1
-        cost = (_offload_seconds(prediction), sum(order.index(s) for s in choice), host)
-        if best is None or cost < best[0]:
-            best = (cost, choice, rules, prediction)
-    if best is None:
-        smallest = _smallest_peak(context, models, device_type, order)
-        raise SynthesisError(
-            f"no policy fits {limit_source}: the least device memory any searched policy needs is "
-            f"{format_bytes(smallest)}. Lower the resolution or batch, quantize the largest model, or use a larger "
-            "device")
-    _, choice, rules, prediction = best
-    reasons = _reasons(context, searched, choice, rules, limit, order)
-    for c in fixed:
-        reasons[c.name] = "not searched (only the largest models are); whole-model offload"
+    options = {c.name: _options(c, device_type, allow_quantize) for c in models}
+    search = _Search(context, models, options, limit, check_host=not nominal)
+    state, best = _best_descent(search, models, options)
+    if best is None or binding(best[1]):
+        raise SynthesisError(_nothing_fits(limit_source, best, state, models, search, allow_quantize))
+    prediction, checks, _ = best
+    rules = search.rules(state)
+    reasons = _reasons(search, state, models)
+    device_limit = next(c for c in checks if c.limit == DEVICE)
+    limit_bytes = device_limit.available
     if name is None:
         label = source if isinstance(source, str) and "/" not in source else context.spec.class_name
-        name = f"{label}-within-{format_bytes(limit).replace(' ', '')}"
-    text = _yaml(name, context, rules, reasons, prediction, limit_source, candidates, fitting, nominal)
+        name = f"{label}-within-{format_bytes(limit_bytes).replace(' ', '')}"
+    text = _yaml(name, context, rules, reasons, prediction, checks, limit_source, len(search.cache),
+                 search.fitting, nominal)
     policy = load(_load_text(text))
-    prediction = context.predict(resolve(policy, context.spec, context.device, machine=context.machine))  # the same, under its name
-    return Synthesis(policy, prediction, reasons, limit, candidates, fitting, text)
+    prediction = context.predict(resolve(policy, context.spec, context.device, machine=context.machine))
+    return Synthesis(policy, prediction, reasons, limit_bytes, len(search.cache), search.fitting, text)
+
+
+def _nothing_fits(limit_source, best, state, models, search, allow_quantize) -> str:
+    if best is None:
+        return f"no policy fits {limit_source}: no searched policy could be resolved for this pipeline"
+    prediction, checks, _ = best
+    over = binding(checks)
+    advice = []
+    names = {c.limit for c in over}
+    if HOST_RAM in names:
+        in_ram = [c for c in models if c.name not in _on_disk(search, state)]
+        if in_ram:
+            advice.append(f"put {in_ram[0].name} on disk (`strategy: disk`) by hand")
+        advice.append("use a machine with more RAM")
+    if DEVICE in names:
+        advice.append("lower the resolution or batch")
+    if PINNED in names:
+        advice.append("raise the profile's `pinned_memory`")
+    if DISK_SPACE in names:
+        advice.append("free disk space")
+    if not allow_quantize:
+        advice.append("pass --allow-quantize (allow_quantize=True) to search `quantize: int8`")
+    advice = ", or ".join(advice)
+    return (f"no policy fits {limit_source}. The closest searched policy is still over on "
+            + "; ".join(c.message() for c in over) + ". " + advice[:1].upper() + advice[1:])
+
+
+def _on_disk(search, state) -> set:
+    """Models a state keeps on disk."""
+    rules = search.rules(state)
+    return {name for name, rule in rules.items() if RULES[rule["strategy"]].model_validate(rule).weights_tier == DISK}
 
 
 def _transfer_cost(prediction) -> float:
@@ -174,41 +338,39 @@ def _load_text(text: str):
     return yaml.safe_load(text)
 
 
-def _smallest_peak(context, models, device_type, order) -> int:
-    rules = {}
-    for c in models:  # the least memory each can take: the last searched strategy its backend runs
-        rules[c.name] = next(r for r in (_rule(s, device_type, c) for s in reversed(order)) if r is not None)
-    policy = load({"version": 1, "device": context.device, "components": rules})
-    return context.predict(resolve(policy, context.spec, context.device, machine=context.machine)).device_peak_bytes
+def _label(rule: dict) -> str:
+    return ", ".join(f"{k}: {v}" if k != "strategy" else str(v) for k, v in rule.items())
 
 
-def _reasons(context, searched, choice, rules, limit, order) -> dict:
-    """Why each searched model got its strategy: what the next cheaper choice would have cost."""
+def _reasons(search: _Search, state, models) -> dict:
+    """Why each model got its option: what the next faster option would have cost."""
     reasons = {}
-    for i, (component, strategy) in enumerate(zip(searched, choice)):
+    chosen = search.evaluate(state)
+    for k, component in enumerate(models):
         size = format_bytes(component.bytes)
-        rank = order.index(strategy)
-        if rank == 0:
-            reasons[component.name] = f"{size}: fits on the device for the whole call, so it never moves"
+        index = state[k]
+        if index == 0:
+            first = search.options[component.name][0][1]
+            reasons[component.name] = (f"{size}: fits on the device for the whole call, so it never moves"
+                                       if RULES[first["strategy"]].home == HOME_DEVICE
+                                       else f"{size}: the fastest option its backend can run")
             continue
-        cheaper = order[rank - 1]
-        trial = dict(rules)
-        trial[component.name] = _rule(cheaper, context.device.type, component)
-        if trial[component.name] is None:
-            reasons[component.name] = f"{size}: its quantization backend cannot run `{cheaper.name}`"
-            continue
-        prediction = context.predict(resolve(load({"version": 1, "device": context.device, "components": trial}),
-                                             context.spec, context.device))
-        if prediction.device_peak_bytes > limit:
-            reasons[component.name] = (f"{size}: `{cheaper.name}` would need "
-                                       f"{format_bytes(prediction.device_peak_bytes)} on the device, over the limit "
-                                       f"of {format_bytes(limit)}")
+        faster = state[:k] + (index - 1,) + state[k + 1:]
+        trial = search.evaluate(faster)
+        previous = _label(search.options[component.name][index - 1][1])
+        if trial is None:
+            reasons[component.name] = f"{size}: `{previous}` cannot run for it"
+        elif binding(trial[1]):
+            reasons[component.name] = f"{size}: `{previous}` would be over on " + "; ".join(
+                f"{c.limit} by {format_bytes(c.over)}" for c in binding(trial[1]))
+        elif trial[2][0] > chosen[2][0]:
+            reasons[component.name] = f"{size}: `{previous}` fits too, with a precision change this one avoids"
         else:
-            reasons[component.name] = f"{size}: `{cheaper.name}` fits too but is predicted slower"
+            reasons[component.name] = f"{size}: `{previous}` fits too but is predicted slower"
     return reasons
 
 
-def _yaml(name, context, rules, reasons, prediction, limit_source, candidates, fitting, nominal) -> str:
+def _yaml(name, context, rules, reasons, prediction, checks, limit_source, candidates, fitting, nominal) -> str:
     from ..policy.schema import SCHEMA_ID
 
     s = prediction.settings
@@ -222,7 +384,8 @@ def _yaml(name, context, rules, reasons, prediction, limit_source, candidates, f
         f"# yaml-language-server: $schema={SCHEMA_ID}",
         f"# Written by `offloadkit synthesize` for {context.spec.class_name}, {size}, {s['steps']} steps, "
         f"batch {s['batch']}, {s['dtype'] or 'weights as loaded'}.",
-        f"# Limit: {limit_source}. {candidates} policies predicted, {fitting} fit; this one is predicted fastest.",
+        f"# Limits of {limit_source}. {candidates} policies predicted, {fitting} fit; this one is predicted fastest.",
+        *(f"#   {c.line()}" for c in checks),
         f"# Predicted: peak device memory {format_bytes(prediction.device_peak_bytes)} "
         f"(+ {format_bytes(prediction.runtime_overhead_bytes)} runtime overhead), {time}.{rates}",
         "# Check it with `offloadkit plan` before use; re-run synthesize when the pipeline or card changes.",
