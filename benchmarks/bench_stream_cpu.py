@@ -101,11 +101,9 @@ def child(args) -> int:
         result.update(ok=True, seconds=times[1:], per_forward=statistics.median(times[1:]),
                       peak_rss=benchkit.ru_maxrss_bytes(),
                       output_sha=hashlib.sha256(out.contiguous().numpy().tobytes()).hexdigest())
-        if keep:
-            summary = keep[1].trace
-            streamed = [e.bytes for e in summary if e.action == "stream"]
-            result["streamed_bytes_per_forward"] = (sum(streamed) // max(1, len(streamed))) if streamed else 0
+        if keep:  # the UNet is called directly, outside pipeline calls (whose end records `stream` events)
             layout = keep[1].plan.component("unet").stream
+            result["streamed_bytes_per_forward"] = layout.streamed_bytes
             result["layout"] = layout.summary()
     except Exception as exc:  # reported, not raised: the other methods still run
         result["error"] = f"{type(exc).__name__}: {exc}"

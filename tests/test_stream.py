@@ -352,3 +352,36 @@ def test_bitsandbytes_4bit_repacked_at_its_first_forward_computes_the_same_every
             outputs.append(layer(x))
             pack.detach()
     assert all(torch.equal(outputs[0], out) for out in outputs[1:])
+
+
+@pytest.mark.parametrize("rule", [{"strategy": "group"}, {"strategy": "sequential"},
+                                  {"strategy": "disk", "granularity": "block"}])
+def test_text_encoders_leave_when_an_unchained_denoiser_starts(rule):
+    """With the denoiser out of the chain, the text encoders' chain successor is the VAE: they used to stay on the
+    device through every denoising step. They leave when the denoiser, a model of a later stage, starts."""
+    from offloadkit.prediction.replay import predict
+    from offloadkit.prediction.schedule import CallSettings
+
+    pipe = tiny_pipeline("flux")
+    reference = run(pipe)
+    policy = {"version": 1, "components": {"transformer": rule}}
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    assert handle.plan.sequence == ("text_encoder", "text_encoder_2", "vae")
+    during = []
+    hook = pipe.transformer.transformer_blocks[0].register_forward_pre_hook(  # inside the transformer's forward
+        lambda *_: during.append(handle.residency("text_encoder_2").resident))
+    assert_same_images(run(pipe), reference)
+    hook.remove()
+    assert during and not any(during)  # T5 was off the device for every transformer forward
+    moves = [(e.component, e.action) for e in handle.trace.for_call(1)]
+    assert moves.index(("text_encoder_2", "offload")) < moves.index(("vae", "onload"))
+    # the prediction replays the same rule: its events equal the trace's
+    handle.remove()
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    prediction = predict(pipe, policy, device="cpu", settings=CallSettings(steps=2))
+    run(pipe)
+    assert [(e.component, e.action, e.bytes) for e in prediction.events if e.call == 1] == \
+        [(e.component, e.action, e.bytes) for e in handle.trace.for_call(1)]
+    text = str(handle.plan)
+    handle.remove()
+    assert "transformer starts" in text

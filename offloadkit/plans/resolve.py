@@ -15,6 +15,7 @@ from ..tensor_bytes import planned_sizes
 from .pipeline_spec import PipelineSpec
 from .precision import planned_tensor_bytes
 from .plan import END_OF_CALL, ComponentPlan, Plan
+from .stages import STAGES
 from .stream_layout import BlocksNotFound, DeviceRoom, Machine, layout, pinned_bytes
 
 HOST = "cpu"
@@ -143,6 +144,9 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
                 reason += "; not in sequence: own hook, offloaded at end of call"
             else:
                 offloaded_by = sequence[index + 1] if index + 1 < len(sequence) else END_OF_CALL
+                earlier = _later_stage_start(name, offloaded_by, models, rules)
+                if earlier is not None:  # OffloadHandle._stage_entered: it leaves when that one starts
+                    offloaded_by = f"{earlier} starts (a later stage)"
             home, runs_on = HOST, device
             if rule.uploads_ahead:
                 reason += f"; prefetched while {sequence[index - 1]} runs"
@@ -213,3 +217,15 @@ def _layouts(policy, models, rules, sizes, paths, device, machine: Machine, prob
         pinned_left -= pinned_bytes(found)
         layouts[name] = found
     return layouts
+
+
+def _later_stage_start(name, successor, models, rules) -> str | None:
+    """The first streamed (hooked, unchained) model of a stage after `name`'s and before its chain successor's:
+    the runtime offloads `name` when that model starts, before the successor would."""
+    if successor not in models:  # the end of the call offloads it, as diffusers does
+        return None
+    own, until = STAGES.index(models[name].stage), STAGES.index(models[successor].stage)
+    found = [(STAGES.index(models[n].stage), n) for n, r in rules.items()
+             if not r.chained and r.managed and r.runs_on_device and r.home != HOME_DEVICE
+             and own < STAGES.index(models[n].stage) < until]
+    return min(found)[1] if found else None

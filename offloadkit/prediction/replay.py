@@ -228,6 +228,22 @@ class _Replay:
                 host += size
         return host, disk
 
+    def _enter(self, stage):
+        """OffloadHandle._stage_entered: chained models of earlier stages leave when a hooked model of `stage` starts."""
+        if stage == self.stage_now:
+            return
+        self.stage_now = stage
+        if stage not in STAGES:
+            return
+        sequence = self.plan.sequence
+        for index, name in enumerate(sequence[:-1]):
+            c, successor = self.components[name], self.components[sequence[index + 1]]
+            if getattr(c.rule, "keep_on_device", False) or name not in self.resident \
+                    or c.stage not in STAGES or successor.stage not in STAGES:
+                continue
+            if STAGES.index(c.stage) < STAGES.index(stage) < STAGES.index(successor.stage):
+                self._offload(name)
+
     def _offload(self, name):
         held = self.resident.pop(name)
         self._record(name, "offload", self.moved.pop(name, held))
@@ -250,6 +266,7 @@ class _Replay:
         self.call_peak = sum(self.resident.values())
         self.device_weights = self.call_peak
         self.hook_calls = 0
+        self.stage_now = None
         streamed: dict = {}
         sequence = self.plan.sequence
         for name in forwards:
@@ -264,6 +281,7 @@ class _Replay:
                     previous = self.components[sequence[index - 1]]
                     if not getattr(previous.rule, "keep_on_device", False) and previous.name in self.resident:
                         self._offload(previous.name)
+                self._enter(stage)
                 if name not in self.resident:
                     self._onload(name, "onload")
                 self._traced(stage, sum(self.resident.values()))  # the onload, then the forward's start
@@ -279,6 +297,8 @@ class _Replay:
                     self.hook_calls += profile.pieces
             elif name in self.streams:  # pieces loaded and dropped inside the forward
                 profile: StreamProfile = self.streams[name]
+                if profile.pieces:
+                    self._enter(stage)
                 streamed[name] = streamed.get(name, 0) + profile.per_forward
                 self.hook_calls += profile.pieces
                 weights = sum(self.resident.values()) + profile.peak

@@ -104,6 +104,7 @@ class StreamStats:
 
         @compiler_disabled  # bookkeeping: kept out of torch.compile graphs (no guards on the totals)
         def wrapper(*args, **kwargs):
+            self.trace.enter_stage(self.stage)  # models of earlier stages leave before this piece comes
             start = time.perf_counter()
             result = load(*args, **kwargs)
             self.seconds += time.perf_counter() - start

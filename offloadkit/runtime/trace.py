@@ -76,6 +76,9 @@ class Trace:
     _stage_peaks: dict = field(default_factory=dict)
     _call_first_event: int = 0  # index of the current call's first event: end_call reads no older ones
     _call_streams: dict = field(default_factory=dict)
+    # called with a stage when a hooked model of another stage than the last one starts (set by the handle)
+    on_stage: object = field(default=None, repr=False, compare=False)
+    _stage_now: str | None = None
 
     def _set_resident(self, component: str, nbytes: int | None) -> None:
         self.resident_bytes -= self.resident.pop(component, 0)
@@ -107,6 +110,13 @@ class Trace:
         if onload:
             self._peak(stage, total + self.streaming)
             self._check_budget(component)
+
+    def enter_stage(self, stage: str) -> None:
+        """A hooked model of `stage` is about to load: the handle offloads what earlier stages left behind."""
+        if stage != self._stage_now:
+            self._stage_now = stage
+            if self.on_stage is not None:
+                self.on_stage(stage)
 
     def running(self, stage: str) -> None:
         """A hooked component's forward starts: what is on the device now counts for its stage's peak."""
@@ -155,6 +165,7 @@ class Trace:
         self._call_peak = self.resident_bytes
         self._stage_peaks = {}
         self._call_streams = {}
+        self._stage_now = None
 
     def end_call(self, device_peak_bytes: int | None = None) -> None:
         events = self.events[self._call_first_event:]

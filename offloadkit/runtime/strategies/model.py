@@ -82,6 +82,7 @@ class ChainOffloadHook(CpuOffload):
         if previous is not None and not previous.hook.state.keep and previous.hook.state.on_device(previous.model):
             previous.offload()
             empty_cache(self.execution_device)
+        self.state.trace.enter_stage(self.state.stage)  # models of earlier stages leave before this one comes
         moved = self._onload(module)
         self.state.trace.running(self.state.stage)
         # queued after this model's own upload, which is needed first
