@@ -120,3 +120,32 @@ def test_each_architecture_is_predicted_in_the_dtype_its_checkpoint_ships_in():
     t5 = {e.component: e.bytes for e in flux.events if e.action == "onload"}["text_encoder_2"]
     assert round(t5 / 2**30, 1) == 8.9  # bf16 keeps no layer in float32 (fp16 T5 keeps `wo`: 10.7 GiB)
     assert predict("flux1-dev", "diffusers-default", settings=CallSettings(dtype="fp16")).settings["dtype"] == "fp16"
+
+
+def test_compute_is_counted_on_meta_and_call_time_adds_the_transfers_compute_does_not_hide():
+    from offloadkit.prediction.compute import forward_flops
+    from offloadkit.prediction.hardware import load_hardware
+    from offloadkit.prediction.sizing import build_components
+
+    unet = build_components("sdxl", dtype="fp16")["unet"]
+    one = forward_flops(unet, height=1024, width=1024, batch=1, guidance=False)
+    assert forward_flops(unet, height=1024, width=1024, batch=2, guidance=False) == 2 * one
+    assert forward_flops(unet, height=1024, width=1024, batch=1, guidance=True) == 2 * one  # the CFG batch
+    assert 5e12 < one < 9e12  # SDXL's UNet at 1024x1024: about 6-7 TFLOP a forward per image
+    hardware = load_hardware("h100-80gb")
+    resident = predict("sdxl", {"version": 1, "components": {"*": {"strategy": "resident"}}}, hardware=hardware)
+    rate = hardware.compute * hardware.compute_efficiency
+    assert resident.compute_seconds == pytest.approx(30 * 2 * one / rate, rel=0.05)  # the UNet dominates
+    assert resident.call_seconds == pytest.approx(resident.compute_seconds)  # nothing moves in a later call
+    offloaded = predict("sdxl", "diffusers-default", hardware=hardware)
+    assert offloaded.compute_seconds == pytest.approx(resident.compute_seconds)
+    for stage in offloaded.stages:
+        hidden = min(stage.overlapped_seconds, stage.compute_seconds)
+        assert stage.exposed_seconds == pytest.approx(stage.transfer_seconds + stage.overlapped_seconds - hidden)
+    assert offloaded.call_seconds == pytest.approx(sum(s.compute_seconds + s.exposed_seconds
+                                                       for s in offloaded.stages))
+    assert offloaded.call_seconds > resident.call_seconds
+    assert "predicted call time" in str(offloaded) and "all resident" in str(offloaded)
+    # a loaded pipeline's models are not run to count them: no call time rather than a guess
+    loaded = predict(tiny_pipeline("sd"), "diffusers-default", hardware=hardware)
+    assert loaded.call_seconds is None and loaded.compute_seconds is None

@@ -110,6 +110,10 @@ class HardwareProfile(BaseModel):
                                     "e.g. `82TFLOPS`.")
     compute_dtype: Literal["float16", "bfloat16", "float32"] | None = Field(
         None, description="dtype the `compute` figure is for (float16 on accelerators, float32 on a CPU).")
+    compute_efficiency: float = Field(
+        0.5, gt=0, le=1, description="Share of `compute` a diffusion model's forward reaches (matrix multiplies "
+        "of its shapes, attention, the elementwise work between them), for predicted compute times. 0.5 is an "
+        "assumption, not a measurement.")
     measured: Measurement | None = Field(None, description="How and when the values were measured; absent on "
                                          "nominal profiles.")
     device_headroom: Share = Field("5%", description="Device memory kept free beyond the runtime's own overhead "

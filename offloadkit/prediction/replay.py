@@ -65,6 +65,15 @@ class StagePrediction:
     bytes_moved: int
     transfer_seconds: float | None
     overlapped_seconds: float | None
+    compute_seconds: float | None = None  # the stage's forwards at the profile's compute rate (None: no estimate)
+
+    @property
+    def exposed_seconds(self) -> float | None:
+        """Transfer time the stage's compute does not hide: every blocking copy, and overlappable copies beyond
+        the stage's compute."""
+        if self.transfer_seconds is None or self.compute_seconds is None:
+            return None
+        return self.transfer_seconds + max(0.0, (self.overlapped_seconds or 0.0) - self.compute_seconds)
 
 
 @dataclass(frozen=True)
@@ -93,6 +102,8 @@ class Prediction:
     host_peak_bytes: int = 0  # the most weights in host RAM at any forward of the call
     disk_peak_bytes: int = 0  # the most weights in disk files
     limits: tuple = ()  # limits.LimitCheck per limit of the hardware profile (empty without one)
+    compute_seconds: float | None = None  # the call's forwards at the profile's compute rate (all resident)
+    call_seconds: float | None = None  # compute plus the transfer time it does not hide, per stage
     events: tuple[PredictedEvent, ...] = field(default=(), repr=False, compare=False)
 
     @property
@@ -143,6 +154,10 @@ class Prediction:
         lines.append("")
         lines.append(f"peak device memory {format_bytes(self.device_peak_bytes)} + runtime overhead "
                      f"{format_bytes(self.runtime_overhead_bytes)} = {format_bytes(self.required_device_bytes)} needed")
+        if self.call_seconds is not None:
+            lines.append(f"predicted call time {self.call_seconds:.2f} s: compute {self.compute_seconds:.2f} s + "
+                         f"{self.call_seconds - self.compute_seconds:.2f} s of transfers it does not hide "
+                         f"(all resident: {self.compute_seconds:.2f} s)")
         if self.pinned_host_bytes:
             lines.append(f"pinned host RAM {format_bytes(self.pinned_host_bytes)} (in the host RAM figures above)")
         if self.first_call_bytes_moved != self.bytes_moved:
@@ -319,7 +334,8 @@ class _Replay:
 # --------------------------------------------------------------------------------------------------
 
 def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: CallSettings, *, hardware=None,
-                 working_memory=None, runtime_overhead: int = 0, calls: int = 2, profiles=None) -> Prediction:
+                 working_memory=None, runtime_overhead: int = 0, calls: int = 2, profiles=None,
+                 flops=None) -> Prediction:
     """Replay `plan` for `calls` calls of `schedule`; the figures are those of the last call.
 
     `modules` are the pipeline's models (built on `meta` or loaded) by name; `working_memory`,
@@ -343,6 +359,7 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
     first = [e for e in replay.events if e.call == 1]
     stages = []
     timed = hardware is not None
+    compute = _compute_seconds(plan, schedule, hardware, flops)
     for stage in STAGES:
         peak = replay.stages.get(stage)
         stage_events = [e for e in events if e.stage == stage]
@@ -360,6 +377,7 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
             bytes_moved=sum(e.bytes for e in stage_events),
             transfer_seconds=sum(e.seconds for e in stage_events if not e.overlapped) if timed else None,
             overlapped_seconds=sum(e.seconds for e in stage_events if e.overlapped) if timed else None,
+            compute_seconds=compute.get(stage, 0.0) if compute is not None else None,
         ))
     counts = Counter(schedule.forwards)
     notes = []
@@ -399,10 +417,28 @@ def predict_plan(plan: Plan, modules: dict, schedule: CallSchedule, settings: Ca
         first_call_bytes_moved=sum(e.bytes for e in first),
         notes=tuple(notes),
         pinned_host_bytes=pinned,
+        compute_seconds=sum(compute.values()) if compute is not None else None,
+        call_seconds=sum(s.compute_seconds + s.exposed_seconds for s in stages) if compute is not None else None,
         host_peak_bytes=replay.host_peak,
         disk_peak_bytes=replay.disk_peak,
         events=tuple(replay.events),
     )
+
+
+def _compute_seconds(plan: Plan, schedule: CallSchedule, hardware, flops) -> dict | None:
+    """{stage: seconds of the call's forwards at the profile's compute rate}, or None without an estimate for
+    every model that runs (a partial sum would look like a prediction and be wrong)."""
+    if hardware is None or not getattr(hardware, "compute", None) or not flops:
+        return None
+    stages = {c.name: c.stage for c in plan.components}
+    if any(name in stages and name not in flops for name in schedule.forwards):
+        return None
+    rate = hardware.compute * hardware.compute_efficiency
+    seconds: dict = {}
+    for name in schedule.forwards:
+        if name in stages:
+            seconds[stages[name]] = seconds.get(stages[name], 0.0) + flops[name] / rate
+    return seconds
 
 
 def _bandwidths(plan: Plan, streams: dict, hardware):
@@ -468,6 +504,7 @@ class PredictionContext:
     notes: list
     profiles: dict = field(default_factory=dict)
     headroom: object = None  # a size or share kept free on the device and in host RAM; None: the profile's own
+    flops: dict | None = None  # component -> FLOPs of one forward (compute.component_flops), counted when first needed
 
     @property
     def machine(self):
@@ -503,9 +540,13 @@ class PredictionContext:
                 plan = replace(plan, components=tuple(
                     replace(c, bytes=module_bytes(changed[c.name])) if c.name in changed else c
                     for c in plan.components))
+            if self.flops is None and self.hardware is not None and self.hardware.compute:
+                from .compute import component_flops
+
+                self.flops = component_flops(self.modules, self.settings)
             prediction = predict_plan(plan, self.modules, self.schedule, self.settings, hardware=self.hardware,
                                       working_memory=self.working, runtime_overhead=self.overhead,
-                                      profiles=self.profiles)
+                                      profiles=self.profiles, flops=self.flops)
         if self.hardware is not None:
             from .limits import check_limits
 

@@ -12,9 +12,11 @@ disk, each less its headroom); `budget` replaces the device's. The search starts
 at its first option and, while some limit is over, makes the one change of one model's option that
 fits, or else the one that takes the most bytes off the limits per second it adds; once all fit it
 keeps making changes that lower the predicted cost and still fit. The cost is a precision change
-first (a policy that keeps the weights as they are wins when one fits), then the predicted time a
-call spends on offloading: every copy at its full length (overlappable ones included: compute is
-not modelled yet), plus an assumed cost per hook invocation (`HOOK_SECONDS`). Without a hardware
+first (a policy that keeps the weights as they are wins when one fits), then the predicted call
+time: compute (`compute.py`, where every model's FLOPs can be counted and the profile has a
+compute rate) plus the transfers it does not hide (blocking copies, and overlappable ones beyond
+their stage's compute), plus an assumed cost per hook invocation (`HOOK_SECONDS`). Without a
+compute estimate, every copy counts at its full length. Without a hardware
 profile the copies are timed at the nominal rates of the built-in `rtx-4090-24gb` profile and only
 the device memory limit is checked.
 """
@@ -137,7 +139,7 @@ class _Search:
         else:
             checks = self.limits(prediction)
             penalty = sum(self.options[c.name][i][0] for c, i in zip(self.models, state))
-            result = (prediction, checks, (penalty, _offload_seconds(prediction)))
+            result = (prediction, checks, (penalty, _call_cost(prediction)))
             self.fitting += not binding(checks)
         self.cache[state] = result
         return result
@@ -328,6 +330,14 @@ def _transfer_cost(prediction) -> float:
     return prediction.transfer_seconds + prediction.overlapped_seconds
 
 
+def _call_cost(prediction) -> float:
+    """Predicted seconds of a call where compute is estimated (compute + the transfers it does not hide),
+    else of its offloading alone; plus the hooks' assumed cost."""
+    if prediction.call_seconds is not None:
+        return prediction.call_seconds + prediction.hook_calls * HOOK_SECONDS
+    return _offload_seconds(prediction)
+
+
 def _offload_seconds(prediction) -> float:
     return _transfer_cost(prediction) + prediction.hook_calls * HOOK_SECONDS
 
@@ -378,6 +388,9 @@ def _yaml(name, context, rules, reasons, prediction, checks, limit_source, candi
     time = (f"{format_bytes(prediction.bytes_moved)} moved per call in {_transfer_cost(prediction):.2f} s of "
             f"transfers ({prediction.overlapped_seconds:.2f} s of them can overlap compute), "
             f"{prediction.hook_calls} hook calls")
+    if prediction.call_seconds is not None:
+        time += (f"; call time {prediction.call_seconds:.1f} s (all resident: {prediction.compute_seconds:.1f} s "
+                 "of compute)")
     rates = (f" Times at the nominal rates of {NOMINAL_HARDWARE} (no --hardware given)." if nominal else
              f" Times at {context.hardware.name}'s rates.")
     lines = [
