@@ -232,6 +232,9 @@ def test_calibrate_cpu_quick(tmp_path):
     for figure in (profile.h2d_pinned, profile.h2d_pageable, profile.d2h, profile.disk_read):
         assert 10**7 < figure < 10**13
     assert 10**7 < profile.compute < 10**15 and profile.compute_dtype == "float32"
+    # a real transformer block's share of the matmul rate, measured (not the profiles' assumed 0.5)
+    assert 0 < profile.compute_efficiency <= 1
+    assert any(note.startswith("compute_efficiency: a BasicTransformerBlock forward") for note in profile.measured.notes)
     m = profile.measured
     assert m.quick and m.torch and m.threads >= 1 and m.date.tzinfo is not None
     assert any("the device is the CPU" in note for note in m.notes)

@@ -157,6 +157,29 @@ def _compute(torch, device, sync, quick: bool) -> tuple[float, str]:
     return 2 * n**3 / seconds, "float32" if on_cpu else "float16"
 
 
+def _block_efficiency(torch, device, sync, quick: bool, peak: float, dtype_name: str, notes: list) -> float:
+    """The share of the matmul rate a real transformer block's forward reaches (diffusers' BasicTransformerBlock:
+    attention and feed-forward, as in the denoisers), its FLOPs counted by torch's FlopCounterMode."""
+    from diffusers.models.attention import BasicTransformerBlock
+    from torch.utils.flop_counter import FlopCounterMode
+
+    on_cpu = device.type == "cpu"
+    dim, tokens = ((128, 128) if quick else (512, 512)) if on_cpu else ((1024, 1024) if quick else (3072, 4096))
+    heads = max(1, dim // 64)
+    dtype = getattr(torch, dtype_name)
+    block = BasicTransformerBlock(dim, heads, dim // heads).to(device=device, dtype=dtype).eval()
+    x = torch.randn(1, tokens, dim, device=device, dtype=dtype)
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as counter:
+            block(x)
+        sync()
+        seconds = _median_seconds(lambda: block(x), sync, 3 if quick else 10)
+    efficiency = min(1.0, counter.get_total_flops() / seconds / peak)
+    notes.append(f"compute_efficiency: a BasicTransformerBlock forward (width {dim}, {tokens} tokens, {dtype_name}) "
+                 f"at {efficiency:.0%} of the matmul rate")
+    return efficiency
+
+
 def _read_seconds(path: str, view: memoryview, drop: bool) -> tuple[float, bool]:
     """Seconds to read the whole file, and whether the kernel took the request to drop it from the cache first."""
     with open(path, "rb", buffering=0) as handle:
@@ -262,6 +285,7 @@ def calibrate(device: str = "auto", *, quick: bool = False, folder: str | os.Pat
     device_name = _device_name(torch, device)
     pinned, pageable, d2h = _transfers(torch, device, sync, transfer_size, repeats, notes)
     flops, dtype = _compute(torch, device, sync, quick)
+    efficiency = _block_efficiency(torch, device, sync, quick, flops, dtype, notes)
     disk = _disk_read(None if folder is None else os.fspath(folder), disk_size, 3, notes)
 
     runtime = None
@@ -288,6 +312,7 @@ def calibrate(device: str = "auto", *, quick: bool = False, folder: str | os.Pat
         disk_read=_round3(disk),
         compute=_round3(flops),
         compute_dtype=dtype,
+        compute_efficiency=round(max(efficiency, 0.01), 2),
         measured=Measurement(
             date=datetime.now(timezone.utc).replace(microsecond=0),
             tool=f"offloadkit calibrate {__version__}",

@@ -260,6 +260,11 @@ def dump_hardware_yaml(profile: HardwareProfile) -> str:
         lines.append(f"compute: {format_rate(profile.compute, 'FLOP/s', parse_compute, largest=15)}")
     if profile.compute_dtype is not None:
         lines.append(f"compute_dtype: {profile.compute_dtype}")
+    lines.append(f"compute_efficiency: {profile.compute_efficiency}")
+    for key in ("device_headroom", "host_headroom", "pinned_memory"):
+        lines.append(f"{key}: {_scalar(str(getattr(profile, key)))}")
+    if profile.disk_free is not None:
+        lines.append(f"disk_free: {exact_size(profile.disk_free)[0]}")
     if m is not None:
         lines.append("measured:")
         lines.append(f"  date: {_scalar(m.date.isoformat().replace('+00:00', 'Z'))}")
