@@ -141,6 +141,8 @@ RANGES = {
     "flux1-schnell": {"encode": (16 * MiB, 1 * GiB), "denoise": (128 * MiB, 4 * GiB), "decode": (512 * MiB, 4 * GiB)},
     "wan21-t2v-1.3b": {"encode": (16 * MiB, 1 * GiB), "denoise": (512 * MiB, 8 * GiB), "decode": (1 * GiB, 24 * GiB)},
     "wan21-t2v-14b": {"encode": (16 * MiB, 1 * GiB), "denoise": (512 * MiB, 8 * GiB), "decode": (1 * GiB, 24 * GiB)},
+    # the same experts' shape as 2.1 14B: the same working memory
+    "wan22-t2v-a14b": {"encode": (16 * MiB, 1 * GiB), "denoise": (512 * MiB, 8 * GiB), "decode": (1 * GiB, 24 * GiB)},
 }
 
 

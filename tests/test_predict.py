@@ -114,7 +114,8 @@ def test_each_architecture_is_predicted_in_the_dtype_its_checkpoint_ships_in():
 
     shipped = {name: shipped_dtype(name) for name in architecture_names()}
     assert shipped == {"flux1-dev": "bf16", "flux1-schnell": "bf16", "sd15": "fp16", "sd35-large": "bf16",
-                       "sd35-medium": "bf16", "sdxl": "fp16", "wan21-t2v-1.3b": "bf16", "wan21-t2v-14b": "bf16"}
+                       "sd35-medium": "bf16", "sdxl": "fp16", "wan21-t2v-1.3b": "bf16", "wan21-t2v-14b": "bf16",
+                       "wan22-t2v-a14b": "bf16"}
     flux = predict("flux1-dev", "diffusers-default")
     assert flux.settings["dtype"] == "bf16"
     t5 = {e.component: e.bytes for e in flux.events if e.action == "onload"}["text_encoder_2"]
@@ -149,3 +150,26 @@ def test_compute_is_counted_on_meta_and_call_time_adds_the_transfers_compute_doe
     # a loaded pipeline's models are not run to count them: no call time rather than a guess
     loaded = predict(tiny_pipeline("sd"), "diffusers-default", hardware=hardware)
     assert loaded.call_seconds is None and loaded.compute_seconds is None
+
+
+
+def test_two_experts_switch_at_the_boundary_timestep_as_wans_pipeline_does():
+    """Wan 2.2 A14B: `transformer` for timesteps at or above boundary_ratio * 1000, `transformer_2` below, with the
+    scheduler's own timesteps (UniPC, flow shift 12 from the architecture's offloadkit.json)."""
+    from diffusers import UniPCMultistepScheduler
+
+    from offloadkit.prediction.schedule import expert_steps
+
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=12.0)
+    scheduler.set_timesteps(30)
+    high = [t for t in scheduler.timesteps if float(t) >= 875]
+    assert expert_steps(30, 0.875, 12.0) == len(high) and 0 < len(high) < 30
+    prediction = predict("wan22-t2v-a14b", "diffusers-default", settings=CallSettings(steps=30))
+    counts = {name: prediction.schedule.count(name) for name in ("transformer", "transformer_2")}
+    assert f"transformer x{2 * len(high)}" in prediction.schedule  # two forwards a step under guidance
+    assert f"transformer_2 x{2 * (30 - len(high))}" in prediction.schedule
+    assert counts and not prediction.schedule_assumed
+    # each expert is onloaded once a call: the chain switches once, at the boundary
+    onloads = [e.component for e in prediction.events if e.call == 2 and e.action == "onload"]
+    assert onloads.count("transformer") == onloads.count("transformer_2") == 1

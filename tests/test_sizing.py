@@ -40,6 +40,9 @@ EXPECTED = {
                       "text_encoder_2": T5_XXL, "vae": VAE_16CH},
     "wan21-t2v-1.3b": {"transformer": 1_418_996_800, "text_encoder": UMT5_XXL, "vae": WAN_VAE},  # build: "1.3B"
     "wan21-t2v-14b": {"transformer": 14_288_491_584, "text_encoder": UMT5_XXL, "vae": WAN_VAE},  # build: "14B"
+    # two 14B experts ("A14B": 14B active of 27B), the 2.1 text encoder and VAE
+    "wan22-t2v-a14b": {"transformer": 14_288_491_584, "transformer_2": 14_288_491_584, "text_encoder": UMT5_XXL,
+                       "vae": WAN_VAE},
 }
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -577,9 +577,10 @@ def prediction_context(source, *, hardware=None, settings: CallSettings | None =
         target = Device.parse("cuda:0")
         notes.append("device `auto` predicted as cuda:0")
     present = [c.name for c in spec.components if c.is_model and c.present]
+    extra = _pipeline_extras(source) if built else {}
     call = schedule(spec.class_name, present, settings, offload_seq=spec.offload_seq or (),
                     force_zeros_for_empty_prompt=force_zeros,
-                    stages={c.name: c.stage for c in spec.components if c.is_model})
+                    stages={c.name: c.stage for c in spec.components if c.is_model}, **extra)
     working, overhead = _working_memory(source, spec.class_name, modules, settings, target)
     missing = sorted(set(modules) - set(working or {}))
     if missing:
@@ -594,6 +595,22 @@ def prediction_context(source, *, hardware=None, settings: CallSettings | None =
             raise CallSettingsError(f"headroom: {exc}") from None
     return PredictionContext(spec, modules, settings, call, target, profile, working, overhead, notes,
                              headroom=headroom)
+
+
+def _pipeline_extras(source) -> dict:
+    """Settings the schedule needs from a model folder: two experts' `boundary_ratio` and the scheduler's shift."""
+    import json
+
+    from .sizing import SHIPPED, model_folder, pipeline_settings
+
+    extra = {}
+    ratio = pipeline_settings(source).get("boundary_ratio")
+    if ratio is not None:
+        extra["boundary_ratio"] = float(ratio)
+        shipped = model_folder(source) / SHIPPED
+        if shipped.is_file():
+            extra["flow_shift"] = json.loads(shipped.read_text()).get("flow_shift")
+    return extra
 
 
 def _with_notes(prediction: Prediction, notes) -> Prediction:

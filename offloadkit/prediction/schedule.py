@@ -94,8 +94,22 @@ class CallSchedule:
         return self.forwards.count(name)
 
 
+def expert_steps(steps: int, boundary_ratio: float, flow_shift: float) -> int:
+    """Steps the first of two experts runs (Wan 2.2 A14B): WanPipeline gives `transformer` every timestep at or
+    above `boundary_ratio * num_train_timesteps` and `transformer_2` the rest; the timesteps are its UniPC
+    scheduler's with flow sigmas shifted by `flow_shift`, computed here with diffusers' own scheduler."""
+    from diffusers import UniPCMultistepScheduler
+
+    scheduler = UniPCMultistepScheduler(num_train_timesteps=1000, prediction_type="flow_prediction",
+                                        use_flow_sigmas=True, flow_shift=flow_shift)
+    scheduler.set_timesteps(steps)
+    boundary = boundary_ratio * scheduler.config.num_train_timesteps
+    return sum(1 for t in scheduler.timesteps if float(t) >= boundary)
+
+
 def schedule(class_name: str, present: list[str], settings: CallSettings, *, offload_seq=(),
-             force_zeros_for_empty_prompt: bool = True, stages: dict | None = None) -> CallSchedule:
+             force_zeros_for_empty_prompt: bool = True, stages: dict | None = None,
+             boundary_ratio: float | None = None, flow_shift: float | None = None) -> CallSchedule:
     """The forwards of one call of a `class_name` pipeline whose loaded models are `present`.
 
     `stages` maps a model to its stage (`PipelineSpec` components know it from their class); a model
@@ -128,7 +142,12 @@ def schedule(class_name: str, present: list[str], settings: CallSettings, *, off
         encoders = [n for n in order if stage[n] == ENCODE and "image_encoder" not in n] or encoders
     forwards = list(encoders) * (2 if twice_encode else 1)
     denoisers = [n for n in order if stage[n] == DENOISE and n not in _BESIDE_THE_DENOISER]
-    if family != "generic":
+    experts = family == "wan" and boundary_ratio is not None and {"transformer", "transformer_2"} <= have
+    if experts:  # two experts switching at a boundary timestep (Wan 2.2 A14B)
+        first = expert_steps(settings.steps, boundary_ratio, flow_shift or 1.0)
+        forwards += ["transformer"] * per_step * first + ["transformer_2"] * per_step * (settings.steps - first)
+        denoisers = []
+    elif family != "generic":
         denoisers = denoisers[:1]  # one denoiser a step (the checked families)
     for denoiser in denoisers:  # each runs its own loop: a prior's, then a decoder's
         forwards += (only("controlnet") + [denoiser] * per_step) * settings.steps
