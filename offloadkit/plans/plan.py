@@ -8,6 +8,7 @@ from ..device import Device
 from ..errors import UnknownComponentError, did_you_mean
 from ..policy.rules import StrategyRule
 from ..units import format_bytes
+from .stages import strictly_between
 from .stream_layout import StreamLayout
 
 END_OF_CALL = "end of call"
@@ -69,6 +70,14 @@ class Plan:
                 return component
         raise UnknownComponentError(f"the plan of {self.pipeline} has no component {name!r}. "
                                     + did_you_mean(name, [c.name for c in self.components], "components"))
+
+    def leaving_at(self, stage: str) -> list[str]:
+        """Chain members that leave the device when a hooked model of `stage` starts: those whose own stage is
+        before it and whose chain successor's is after it (a model without a successor leaves at the end of
+        the call, as diffusers does). The runtime and the planner both follow this."""
+        sequence = self.sequence
+        return [name for name, successor in zip(sequence, sequence[1:])
+                if strictly_between(self.component(name).stage, stage, self.component(successor).stage)]
 
     def to_dict(self) -> dict:
         return {

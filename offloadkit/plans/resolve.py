@@ -15,7 +15,7 @@ from ..tensor_bytes import planned_sizes
 from .pipeline_spec import PipelineSpec
 from .precision import planned_tensor_bytes
 from .plan import END_OF_CALL, ComponentPlan, Plan
-from .stages import STAGES
+from .stages import STAGES, strictly_between
 from .stream_layout import BlocksNotFound, DeviceRoom, Machine, layout, pinned_bytes
 
 HOST = "cpu"
@@ -224,8 +224,7 @@ def _later_stage_start(name, successor, models, rules) -> str | None:
     the runtime offloads `name` when that model starts, before the successor would."""
     if successor not in models:  # the end of the call offloads it, as diffusers does
         return None
-    own, until = STAGES.index(models[name].stage), STAGES.index(models[successor].stage)
     found = [(STAGES.index(models[n].stage), n) for n, r in rules.items()
              if not r.chained and r.managed and r.runs_on_device and r.home != HOME_DEVICE
-             and own < STAGES.index(models[n].stage) < until]
+             and strictly_between(models[name].stage, models[n].stage, models[successor].stage)]
     return min(found)[1] if found else None

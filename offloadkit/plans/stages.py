@@ -40,3 +40,10 @@ def stage_of(component: str, class_name: str | None = None) -> str:
     if any(marker in component for marker in _DECODE_NAMES):
         return DECODE
     return DENOISE
+
+
+def strictly_between(first: str, middle: str, last: str) -> bool:
+    """Whether stage `middle` comes after `first` and before `last` (False when one is not a stage)."""
+    if not {first, middle, last} <= set(STAGES):
+        return False
+    return STAGES.index(first) < STAGES.index(middle) < STAGES.index(last)

@@ -22,7 +22,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..policy.rules import DISK
-from ..tensor_bytes import tensor_bytes
+from ..tensor_bytes import module_bytes, tensor_bytes
 from ..units import format_bytes, parse_share, share_bytes
 
 PAGE = 4096  # every block's bytes start on a page in its host and device buffers
@@ -173,27 +173,20 @@ def _tensors(module):
 
 
 def block_tensors(module, blocks) -> tuple[dict, dict]:
-    """({block path: {id: tensor}} of tensors only that block holds, {id: tensor} of the rest of the model)."""
+    """({block path: {id: tensor}} of tensors only that block holds, {id: tensor} of the rest of the model).
+
+    A tensor held by two blocks, or also by the model outside the blocks (tied weights), stays with the rest.
+    """
+    per_block = {path: _tensors(block) for path, block in blocks}
     owners: dict = {}
-    every = _tensors(module)
-    per_block = {}
-    for path, block in blocks:
-        held = _tensors(block)
-        per_block[path] = held
+    for held in per_block.values():
         for key in held:
             owners[key] = owners.get(key, 0) + 1
-    inside = {}
-    for path, block in blocks:
-        inside[path] = {k: t for k, t in per_block[path].items() if owners[k] == 1}
+    outside = _outside_references(module, blocks)
+    inside = {path: {k: t for k, t in held.items() if owners[k] == 1 and k not in outside}
+              for path, held in per_block.items()}
     claimed = {k for held in inside.values() for k in held}
-    # Held twice (by two blocks), or also by the model outside the blocks: stays with the rest.
-    outside_refs = _outside_references(module, blocks)
-    for path in inside:
-        for key in [k for k in inside[path] if k in outside_refs]:
-            del inside[path][key]
-            claimed.discard(key)
-    rest = {k: t for k, t in every.items() if k not in claimed}
-    return inside, rest
+    return inside, {k: t for k, t in _tensors(module).items() if k not in claimed}
 
 
 def _outside_references(module, blocks) -> set:
@@ -270,28 +263,26 @@ def layout(module, rule, room: DeviceRoom, pinned_available: int = 0, whole: boo
     except BlocksNotFound:
         if not whole or rule.blocks is not None:
             raise
-        rest = sum(tensor_bytes(t) for t in _tensors(module).values())
-        return StreamLayout((), (), (), rest, rule.prefetch, rule.source,
+        return StreamLayout((), (), (), module_bytes(module), rule.prefetch, rule.source,
                             "no top-level ModuleList of blocks: moves as a whole")
     total = len(sizes)
 
     def build(count, reason):
         chosen = {sizes[i][0] for i in _chosen(count, total, rule.placement)}
         resident = tuple(p for p, _ in sizes if p in chosen)
-        draft = StreamLayout(sizes, resident, (), rest_bytes, rule.prefetch, rule.source, reason)
-        return draft
+        return StreamLayout(sizes, resident, (), rest_bytes, rule.prefetch, rule.source, reason)
 
     value = rule.resident
     if isinstance(value, int):
         chosen = build(value, f"`resident: {value}`" + (f", the model has {total}" if value > total else ""))
-    elif value != "auto" and parse_share(value)[0] == "fraction":
-        count = round(total * parse_share(value)[1])
-        chosen = build(count, f"`resident: {value}`")
-    elif value != "auto":
-        limit = share_bytes(value, 0)
-        chosen = _largest(build, total, lambda d: d.bytes_of(d.resident) <= limit, f"`resident: {value}`")
-    else:
+    elif value == "auto":
         chosen = _auto(build, total, rule, room)
+    else:
+        kind, amount = parse_share(value)
+        if kind == "fraction":
+            chosen = build(round(total * amount), f"`resident: {value}`")
+        else:
+            chosen = _largest(build, total, lambda d: d.bytes_of(d.resident) <= amount, f"`resident: {value}`")
     return _with_pinned(chosen, pinned_available)
 
 
@@ -352,7 +343,7 @@ def resized(draft: StreamLayout, module, rule) -> StreamLayout:
     from dataclasses import replace
 
     if not draft.blocks:
-        return replace(draft, rest_bytes=sum(tensor_bytes(t) for t in _tensors(module).values()))
+        return replace(draft, rest_bytes=module_bytes(module))
     sizes, rest_bytes = block_sizes(module, rule.blocks)
     return replace(draft, blocks=sizes, rest_bytes=rest_bytes)
 

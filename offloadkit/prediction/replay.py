@@ -248,15 +248,8 @@ class _Replay:
         if stage == self.stage_now:
             return
         self.stage_now = stage
-        if stage not in STAGES:
-            return
-        sequence = self.plan.sequence
-        for index, name in enumerate(sequence[:-1]):
-            c, successor = self.components[name], self.components[sequence[index + 1]]
-            if getattr(c.rule, "keep_on_device", False) or name not in self.resident \
-                    or c.stage not in STAGES or successor.stage not in STAGES:
-                continue
-            if STAGES.index(c.stage) < STAGES.index(stage) < STAGES.index(successor.stage):
+        for name in self.plan.leaving_at(stage):
+            if not getattr(self.components[name].rule, "keep_on_device", False) and name in self.resident:
                 self._offload(name)
 
     def _offload(self, name):
@@ -599,18 +592,12 @@ def prediction_context(source, *, hardware=None, settings: CallSettings | None =
 
 def _pipeline_extras(source) -> dict:
     """Settings the schedule needs from a model folder: two experts' `boundary_ratio` and the scheduler's shift."""
-    import json
+    from .sizing import pipeline_settings, shipped
 
-    from .sizing import SHIPPED, model_folder, pipeline_settings
-
-    extra = {}
     ratio = pipeline_settings(source).get("boundary_ratio")
-    if ratio is not None:
-        extra["boundary_ratio"] = float(ratio)
-        shipped = model_folder(source) / SHIPPED
-        if shipped.is_file():
-            extra["flow_shift"] = json.loads(shipped.read_text()).get("flow_shift")
-    return extra
+    if ratio is None:
+        return {}
+    return {"boundary_ratio": float(ratio), "flow_shift": shipped(source).get("flow_shift")}
 
 
 def _with_notes(prediction: Prediction, notes) -> Prediction:

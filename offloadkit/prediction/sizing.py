@@ -80,10 +80,13 @@ def shipped_dtype(source) -> str:
     >>> shipped_dtype("flux1-dev"), shipped_dtype("sdxl")
     ('bf16', 'fp16')
     """
+    return shipped(source).get("dtype", "fp16")
+
+
+def shipped(source) -> dict:
+    """A model folder's `offloadkit.json` (what offloadkit knows of how it is run), or {} without one."""
     path = model_folder(source) / SHIPPED
-    if path.is_file():
-        return json.loads(path.read_text())["dtype"]
-    return "fp16"
+    return json.loads(path.read_text()) if path.is_file() else {}
 
 
 def model_folder(source: str | os.PathLike) -> Path:

@@ -14,7 +14,6 @@ from ..accelerator import device_memory, empty_cache, host_ram, module_device, r
 from ..plans.pipeline_spec import spec_from_pipeline
 from ..plans.plan import Plan
 from ..plans.resolve import resolve
-from ..plans.stages import STAGES
 from ..plans.stream_layout import Machine
 from ..policy.loading import load
 from ..tensor_bytes import module_bytes
@@ -286,30 +285,16 @@ class OffloadHandle:
         encoder before a VAE, with the denoiser under `group` between them) would otherwise stay on the
         device until that successor runs.
         """
-        if stage not in STAGES:
-            return
         components = self.pipe.components
         offloaded = False
-        for name, successor_stage in self._leaves_at_stage().items():
+        for name in self.plan.leaving_at(stage):
             state, module = self._states.get(name), components.get(name)
             if state is None or state.keep or module is None or not state.on_device(module):
                 continue
-            if STAGES.index(state.stage) < STAGES.index(stage) < STAGES.index(successor_stage):
-                self._hooks[name].init_hook(module)
-                offloaded = True
+            self._hooks[name].init_hook(module)
+            offloaded = True
         if offloaded:
             empty_cache(self.device)
-
-    def _leaves_at_stage(self) -> dict:
-        """Chain members with a successor, and the successor's stage: each leaves when a hooked model of a stage
-        between theirs starts (a model without a successor leaves at the end of the call, as diffusers does)."""
-        sequence = self.plan.sequence
-        found = {}
-        for index, name in enumerate(sequence[:-1]):
-            own, successor = self.plan.component(name).stage, self.plan.component(sequence[index + 1]).stage
-            if own in STAGES and successor in STAGES:
-                found[name] = successor
-        return found
 
     def end_call(self) -> None:
         """The policy's end of call: everything the chain onloaded goes back to host RAM."""

@@ -245,9 +245,9 @@ class PackedWeights:
         start = buffer.data_ptr()
         return start <= tensor.data_ptr() < start + buffer.numel()
 
-    def copy_to(self, buffer, non_blocking: bool = False) -> None:
-        """Copy the host buffer into `buffer` (one transfer)."""
-        buffer[:self.size].copy_(self.host, non_blocking=non_blocking)
+    def copy_to(self, buffer, non_blocking: bool = False):
+        """Copy the host buffer into `buffer` (one transfer); returns the part of `buffer` written."""
+        return buffer[:self.size].copy_(self.host, non_blocking=non_blocking)
 
 
 def _is_tensor(value) -> bool:
@@ -257,10 +257,8 @@ def _is_tensor(value) -> bool:
 
 
 def _is_wrapper(tensor) -> bool:
-    import torch
-
-    return type(tensor) not in (torch.Tensor, torch.nn.Parameter) and hasattr(tensor, "__tensor_flatten__") \
-        and not hasattr(type(tensor), "quant_state")
+    """A wrapper subclass (torchao, quanto): its bytes are in the inner tensors `__tensor_flatten__` names."""
+    return hasattr(tensor, "__tensor_flatten__")
 
 
 def needs_packing(module) -> bool:

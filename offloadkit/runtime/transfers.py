@@ -17,13 +17,37 @@ before anything on it can read them.
 from __future__ import annotations
 
 
-class HostCopy:
+class _Prefetchable:
+    """A host copy whose onload can be queued on a CUDA side stream (a prefetch), then waited for."""
+
+    pending = None  # the event that ends a prefetch's copies, until the compute stream waits for it
+
+    def _queue(self, device, stream, copy) -> None:
+        """Run `copy()` (which queues copies and returns the device tensors it wrote) on `stream`."""
+        import torch
+
+        stream.wait_stream(torch.cuda.current_stream(device))  # the memory may have just been freed by it
+        with torch.cuda.stream(stream):
+            for target in copy():
+                target.record_stream(stream)  # allocated on the compute stream, written on this one
+            self.pending = torch.cuda.Event()
+            self.pending.record(stream)
+
+    def wait(self, device) -> None:
+        """Make the compute stream wait for a prefetch's copies (no host synchronisation)."""
+        if self.pending is not None:
+            import torch
+
+            torch.cuda.current_stream(device).wait_event(self.pending)
+            self.pending = None
+
+
+class HostCopy(_Prefetchable):
     """Every parameter and buffer of a component paired with its host tensor (shared ties counted once)."""
 
     def __init__(self, module, pinned: bool = False):
         self.pinned = pinned
         self.entries = []
-        self.pending = None  # the event that ends a prefetch's copies, until the compute stream waits for it
         seen = set()
         for sub in module.modules():
             for table in (sub._parameters, sub._buffers):
@@ -61,25 +85,10 @@ class HostCopy:
             return
         import torch
 
-        compute = torch.cuda.current_stream(device)
         pairs = [(tensor, host, torch.empty_like(host, device=device)) for tensor, host in self._hosts()]
-        stream.wait_stream(compute)
-        with torch.cuda.stream(stream):
-            for tensor, host, target in pairs:
-                target.copy_(host, non_blocking=True)
-                target.record_stream(stream)
-            self.pending = torch.cuda.Event()
-            self.pending.record(stream)
+        self._queue(device, stream, lambda: [target.copy_(host, non_blocking=True) for _, host, target in pairs])
         for tensor, _, target in pairs:
             tensor.data = target
-
-    def wait(self, device) -> None:
-        """Make the compute stream wait for a prefetch's copies (no host synchronisation)."""
-        if self.pending is not None:
-            import torch
-
-            torch.cuda.current_stream(device).wait_event(self.pending)
-            self.pending = None
 
     def offload(self) -> None:
         self.pending = None  # prefetched and never used: record_stream keeps the memory until the copy is done
@@ -98,7 +107,7 @@ class HostCopy:
         self.entries = []
 
 
-class PackedCopy:
+class PackedCopy(_Prefetchable):
     """`HostCopy`'s interface over one `PackedWeights` buffer: for weights `.data` cannot move.
 
     Quantized weights (torchao and quanto wrapper tensors, bitsandbytes' scales and state) are moved
@@ -108,7 +117,6 @@ class PackedCopy:
     def __init__(self, packed):
         self.packed = packed
         self.pinned = packed.pinned
-        self.pending = None
         self.device_buffer = None
 
     def onload(self, device, stream=None) -> None:
@@ -117,22 +125,10 @@ class PackedCopy:
         target = torch.empty(self.packed.size, dtype=torch.uint8, device=device)  # on the compute stream
         if stream is None:
             self.packed.copy_to(target, non_blocking=self.pinned)
-        else:  # as HostCopy.onload: the side stream waits for queued work, the memory is marked for it
-            stream.wait_stream(torch.cuda.current_stream(device))
-            with torch.cuda.stream(stream):
-                self.packed.copy_to(target, non_blocking=True)
-                target.record_stream(stream)
-                self.pending = torch.cuda.Event()
-                self.pending.record(stream)
+        else:
+            self._queue(device, stream, lambda: [self.packed.copy_to(target, non_blocking=True)])
         self.packed.attach(target)
         self.device_buffer = target
-
-    def wait(self, device) -> None:
-        if self.pending is not None:
-            import torch
-
-            torch.cuda.current_stream(device).wait_event(self.pending)
-            self.pending = None
 
     def offload(self) -> None:
         self.pending = None

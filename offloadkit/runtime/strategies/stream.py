@@ -12,7 +12,7 @@ The plan's layout (`plans/stream_layout.py`) says which blocks stay. At install:
   of `prefetch + 1` device buffers, allocated with the model's onload, and a forward hook
   points the tensors back at the host buffer and frees the slot. No device memory is
   allocated per block.
-- On CUDA the copies run on the handle's side stream, `prefetch` blocks ahead of the one
+- On CUDA the copies run on a side stream of the component's own, `prefetch` blocks ahead of the one
   computing, in the order the blocks ran in the last forward (the model's order at
   first). An event per copy makes the compute stream wait for the block it needs next
   only; an event per slot makes a copy wait until the compute stream is done with the
@@ -73,13 +73,13 @@ class BlockStream:
             self.pool.record_stream(self.side)  # freed with the offload: not reused before queued copies end
         self.slots = [self.pool[i * self.slot_size:(i + 1) * self.slot_size] for i in range(self.slot_count)]
         self.free = deque(range(self.slot_count))
-        self.free_after = [None] * self.slot_count
+        allocated = None
         if self.side is not None:
             # The memory may have just been freed by work still queued on the compute stream: the first copy
             # into each slot waits for that work, as every later one waits for the slot's previous block.
             allocated = torch.cuda.Event()
             allocated.record(torch.cuda.current_stream(self.device))
-            self.free_after = [allocated] * self.slot_count
+        self.free_after = [allocated] * self.slot_count
         self.held, self.ready, self.running = {}, {}, set()
 
     def free_pool(self) -> None:
