@@ -68,6 +68,13 @@ def tiny_cases():
                 yield f"tiny-{name} {component}", module, role, dict(height=h, width=w, latent_scale=2)
 
 
+def _short_qwen_vl() -> dict:
+    """Qwen2.5-VL-7B's text and vision configs with 2 text layers and 1 vision layer (same widths)."""
+    config = _read_json(model_folder("qwen-image") / "text_encoder" / "config.json")
+    return {"text_config": {**config["text_config"], "num_hidden_layers": 2, "max_window_layers": 2},
+            "vision_config": {**config["vision_config"], "depth": 1, "fullatt_block_indexes": [0]}}
+
+
 def mid_cases(only: str | None):
     plans = [
         ("sd15 unet", lambda: build("sd15", "unet"), "denoise", [dict(height=256, width=256),
@@ -88,6 +95,12 @@ def mid_cases(only: str | None):
          [dict(height=256, width=256, num_frames=9), dict(height=320, width=512, num_frames=17)]),
         ("wan21 vae", lambda: build("wan21-t2v-1.3b", "vae"), "decode",
          [dict(height=128, width=128, num_frames=5), dict(height=128, width=192, num_frames=9)]),
+        ("qwen-image transformer (2 layers)", lambda: build("qwen-image", "transformer", num_layers=2), "denoise",
+         [dict(height=256, width=256), dict(height=512, width=512, text_tokens=128)]),
+        ("qwen2.5-vl text (2 layers)", lambda: build("qwen-image", "text_encoder", **_short_qwen_vl()), "encode",
+         [dict(height=1, width=1, text_tokens=160), dict(height=1, width=1)]),
+        ("qwen-image vae", lambda: build("qwen-image", "vae"), "decode",
+         [dict(height=256, width=256), dict(height=384, width=512)]),
     ]
     for name, make, role, sizes in plans:
         if only and only not in name:

@@ -60,7 +60,7 @@ __all__ = [
     "tiny_sdxl_pipeline",
 ]
 
-TINY_PIPELINES = ("sd", "sdxl", "sd3", "controlnet", "flux")
+TINY_PIPELINES = ("sd", "sdxl", "sd3", "controlnet", "flux", "qwen-image", "flux-kontext")
 
 # Shared sizes. The token budget is small to keep the text encoders cheap, but
 # large enough that the demo prompt (one token per character) is not truncated.
@@ -566,12 +566,68 @@ def tiny_flux_pipeline(*, seed: int = 0):
     return _finish(pipe)
 
 
+def _qwen_tokenizer():
+    """A byte-level BPE tokenizer without merges (one token per byte) and Qwen's chat special tokens."""
+    from transformers import Qwen2Tokenizer
+
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    symbols = list(_byte_to_unicode().values())
+    folder = _tokenizer_folder("qwen", {
+        "vocab.json": json.dumps({token: i for i, token in enumerate(symbols + specials)}, ensure_ascii=False),
+        "merges.txt": "#version: 0.2\n",
+        "tokenizer_config.json": json.dumps({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                             "unk_token": None, "additional_special_tokens": specials[1:]}),
+    })
+    return Qwen2Tokenizer.from_pretrained(folder, local_files_only=True)
+
+
+def tiny_qwen_image_pipeline(*, seed: int = 0):
+    """A tiny ``QwenImagePipeline``: a 2-layer Qwen2.5-VL text encoder, a 2-block transformer, Wan-style VAE."""
+    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, \
+        QwenImageTransformer2DModel
+    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
+
+    tokenizer = _qwen_tokenizer()
+    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|endoftext|>"), ("video_token_id", "<|endoftext|>"),
+        ("vision_start_token_id", "<|im_start|>"), ("vision_end_token_id", "<|im_end|>"))}
+    config = Qwen2_5_VLConfig(
+        text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 48,
+                     "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+                     "max_position_embeddings": 1024, "rope_scaling": {"type": "mrope", "mrope_section": [1, 1, 2]}},
+        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 32, "num_heads": 2,
+                       "out_hidden_size": 32, "fullatt_block_indexes": [0]}, **ids)
+    with _seeded(seed + 1):
+        text_encoder = _ready(Qwen2_5_VLForConditionalGeneration(config))
+    with _seeded(seed):
+        transformer = QwenImageTransformer2DModel(
+            patch_size=2, in_channels=_LATENT_CHANNELS * 4, out_channels=_LATENT_CHANNELS, num_layers=2,
+            attention_head_dim=8, num_attention_heads=2, joint_attention_dim=32, axes_dims_rope=(2, 2, 4))
+    with _seeded(seed + 2):
+        vae = AutoencoderKLQwenImage(base_dim=8, z_dim=_LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1,
+                                     temperal_downsample=[False], latents_mean=[0.0] * _LATENT_CHANNELS,
+                                     latents_std=[1.0] * _LATENT_CHANNELS)
+    pipe = QwenImagePipeline(scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), vae=_ready(vae),
+                             text_encoder=text_encoder, tokenizer=tokenizer, transformer=_ready(transformer))
+    return _finish(pipe)
+
+
+def tiny_flux_kontext_pipeline(*, seed: int = 0):
+    """A tiny ``FluxKontextPipeline`` (image editing): the tiny Flux pipeline's models; its VAE also encodes the
+    input image."""
+    from diffusers import FluxKontextPipeline
+
+    return _finish(FluxKontextPipeline(**tiny_flux_pipeline(seed=seed).components))
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "sd": tiny_sd_pipeline,
     "sdxl": tiny_sdxl_pipeline,
     "sd3": tiny_sd3_pipeline,
     "controlnet": tiny_controlnet_pipeline,
     "flux": tiny_flux_pipeline,
+    "qwen-image": tiny_qwen_image_pipeline,
+    "flux-kontext": tiny_flux_kontext_pipeline,
 }
 
 
@@ -591,7 +647,8 @@ def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
     Each call returns a fresh, freshly seeded generator, so the same kwargs
     recipe can be used for a reference run and a run under test.
     """
-    from diffusers import FluxPipeline, StableDiffusion3Pipeline, StableDiffusionControlNetPipeline
+    from diffusers import FluxKontextPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, \
+        StableDiffusionControlNetPipeline
 
     kwargs: dict[str, Any] = {
         "prompt": _CALL_PROMPT,
@@ -604,12 +661,21 @@ def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
         "generator": torch.Generator("cpu").manual_seed(seed),
         "output_type": "np",
     }
-    if isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline)):
+    if isinstance(pipe, (StableDiffusion3Pipeline, FluxPipeline, FluxKontextPipeline)):
         # Length of the T5 part of the sequence (zeros without T5); the default
         # 256 only slows the tiny transformer down.
         kwargs["max_sequence_length"] = _MAX_TOKENS
-    if isinstance(pipe, FluxPipeline):
+    if isinstance(pipe, (FluxPipeline, FluxKontextPipeline)):
         kwargs["guidance_scale"] = 3.5  # FLUX.1-dev's distilled guidance: an input of the transformer, no CFG
+    if isinstance(pipe, FluxKontextPipeline):
+        # the image to edit, kept at its size (Kontext would resize it to about 1024 px)
+        kwargs["image"] = torch.rand((1, 3, _IMAGE_SIZE, _IMAGE_SIZE), generator=torch.Generator("cpu").manual_seed(seed))
+        kwargs["_auto_resize"] = False
+        kwargs["max_area"] = _IMAGE_SIZE**2  # else the output is scaled up to about 1024 x 1024
+    if isinstance(pipe, QwenImagePipeline):
+        # no negative prompt: its "true CFG" is off, as in a call that passes none (no second forward)
+        del kwargs["guidance_scale"]
+        kwargs["true_cfg_scale"] = 1.0
     if isinstance(pipe, StableDiffusionControlNetPipeline):
         # Control images are RGB in [0, 1] at the output pixel size.
         control_generator = torch.Generator("cpu").manual_seed(seed)

@@ -138,11 +138,15 @@ RANGES = {
     "sd35-large": {"encode": (16 * MiB, 1 * GiB), "denoise": (128 * MiB, 4 * GiB), "decode": (512 * MiB, 4 * GiB)},
     "sd35-medium": {"encode": (16 * MiB, 1 * GiB), "denoise": (128 * MiB, 4 * GiB), "decode": (512 * MiB, 4 * GiB)},
     "flux1-dev": {"encode": (16 * MiB, 1 * GiB), "denoise": (128 * MiB, 4 * GiB), "decode": (512 * MiB, 4 * GiB)},
+    # Kontext's transformer sees the input image's tokens too: about twice Flux's
+    "flux1-kontext-dev": {"encode": (16 * MiB, 1 * GiB), "denoise": (512 * MiB, 4 * GiB), "decode": (512 * MiB, 4 * GiB)},
     "flux1-schnell": {"encode": (16 * MiB, 1 * GiB), "denoise": (128 * MiB, 4 * GiB), "decode": (512 * MiB, 4 * GiB)},
     "wan21-t2v-1.3b": {"encode": (16 * MiB, 1 * GiB), "denoise": (512 * MiB, 8 * GiB), "decode": (1 * GiB, 24 * GiB)},
     "wan21-t2v-14b": {"encode": (16 * MiB, 1 * GiB), "denoise": (512 * MiB, 8 * GiB), "decode": (1 * GiB, 24 * GiB)},
     # the same experts' shape as 2.1 14B: the same working memory
     "wan22-t2v-a14b": {"encode": (16 * MiB, 1 * GiB), "denoise": (512 * MiB, 8 * GiB), "decode": (1 * GiB, 24 * GiB)},
+    # Qwen2.5-VL's logits (546 tokens x 152,064) are most of its encode; the VAE decodes one 1024 px frame
+    "qwen-image": {"encode": (128 * MiB, 1 * GiB), "denoise": (128 * MiB, 4 * GiB), "decode": (1 * GiB, 8 * GiB)},
 }
 
 
@@ -151,7 +155,7 @@ def test_every_builtin_architecture_has_a_plausible_estimate_per_stage():
     for name, ranges in RANGES.items():
         video = name.startswith("wan")
         stages = stage_working_memory(name, height=480 if video else 1024, width=832 if video else 1024, batch=1,
-                                      dtype="bf16" if name.startswith(("flux", "wan")) else "fp16", guidance=True,
+                                      dtype="bf16" if name.startswith(("flux", "wan", "qwen")) else "fp16", guidance=True,
                                       num_frames=81 if video else None)
         for stage, (low, high) in ranges.items():
             assert low <= stages[stage] <= high, (name, stage, stages[stage] / MiB)

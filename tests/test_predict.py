@@ -44,7 +44,10 @@ POLICIES = {
 }
 CASES = [("sdxl", name) for name in POLICIES] + [
     (pipeline, name) for pipeline in ("sd3", "controlnet") for name in ("diffusers-default", "mixed", "prefetch")] + [
-    ("sd3", "stream-none"), ("sd3", "stream-spread")]
+    ("sd3", "stream-none"), ("sd3", "stream-spread")] + [
+    # Qwen-Image (Qwen2.5-VL encoder) and Flux.1 Kontext (the VAE encodes the input image first, then decodes)
+    (pipeline, name) for pipeline in ("qwen-image", "flux-kontext")
+    for name in ("diffusers-default", "mixed", "prefetch", "stream-spread")] + [("qwen-image", "sequential")]
 
 
 def _policy(name, pipe):
@@ -115,7 +118,7 @@ def test_each_architecture_is_predicted_in_the_dtype_its_checkpoint_ships_in():
     shipped = {name: shipped_dtype(name) for name in architecture_names()}
     assert shipped == {"flux1-dev": "bf16", "flux1-schnell": "bf16", "sd15": "fp16", "sd35-large": "bf16",
                        "sd35-medium": "bf16", "sdxl": "fp16", "wan21-t2v-1.3b": "bf16", "wan21-t2v-14b": "bf16",
-                       "wan22-t2v-a14b": "bf16"}
+                       "wan22-t2v-a14b": "bf16", "qwen-image": "bf16", "flux1-kontext-dev": "bf16"}
     flux = predict("flux1-dev", "diffusers-default")
     assert flux.settings["dtype"] == "bf16"
     t5 = {e.component: e.bytes for e in flux.events if e.action == "onload"}["text_encoder_2"]

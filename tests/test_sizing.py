@@ -36,6 +36,9 @@ EXPECTED = {
     "flux1-dev": {"transformer": 11_901_408_320, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL,
                   "vae": VAE_16CH},
     # schnell has no guidance embedder: 3072*256 + 3072 + 3072*3072 + 3072 = 10,229,760 fewer
+    # FLUX.1 Kontext [dev]: the FLUX.1-dev models in an image-editing pipeline ("12B")
+    "flux1-kontext-dev": {"transformer": 11_901_408_320, "text_encoder": CLIP_L, "text_encoder_2": T5_XXL,
+                          "vae": VAE_16CH},
     "flux1-schnell": {"transformer": 11_901_408_320 - 10_229_760, "text_encoder": CLIP_L,
                       "text_encoder_2": T5_XXL, "vae": VAE_16CH},
     "wan21-t2v-1.3b": {"transformer": 1_418_996_800, "text_encoder": UMT5_XXL, "vae": WAN_VAE},  # build: "1.3B"
@@ -43,6 +46,9 @@ EXPECTED = {
     # two 14B experts ("A14B": 14B active of 27B), the 2.1 text encoder and VAE
     "wan22-t2v-a14b": {"transformer": 14_288_491_584, "transformer_2": 14_288_491_584, "text_encoder": UMT5_XXL,
                        "vae": WAN_VAE},
+    # public: "20B" MMDiT (20,430,401,088 as published breakdowns count it), Qwen2.5-VL-7B-Instruct
+    # (8,292,166,656 with its vision tower: "8.29B"), and Wan 2.1's VAE architecture
+    "qwen-image": {"transformer": 20_430_401_088, "text_encoder": 8_292_166_656, "vae": WAN_VAE},
 }
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2}

@@ -195,7 +195,7 @@ def _layouts(policy, models, rules, sizes, paths, device, machine: Machine, prob
         room = DeviceRoom(budget=policy.budget.device_memory if policy.budget is not None else None,
                           free=machine.device_free, total=machine.device_total,
                           others=sum(v for n, v in kept.items() if n != name), device_type=device.type,
-                          working=machine.working_of(name))
+                          working=machine.working_beside_resident())
         # sized as the weights will be once the rule's precision change is applied
         planned = planned_tensor_bytes(module, rule) if rule.precision_change else {}
         try:

@@ -229,8 +229,10 @@ class Machine:
     system: str = ""  # platform.system(): "Linux", "Windows", ...
     working: tuple = ()  # (component, working memory of one forward) pairs, where the planner estimated them
 
-    def working_of(self, name: str) -> int:
-        return dict(self.working).get(name, 0)
+    def working_beside_resident(self) -> int:
+        """The most working memory any forward of the call needs: resident blocks stay on the device through
+        the whole call, so the VAE's decode (often the largest) must fit beside them, not only their model's own."""
+        return max((bytes_ for _, bytes_ in self.working), default=0)
 
     def pinned_cap(self, setting, device_type: str) -> int:
         """Bytes of host RAM the policy's `pinned_memory` allows (0 without CUDA or a known host RAM)."""
@@ -250,7 +252,7 @@ class DeviceRoom:
     total: int | None = None
     others: int = 0  # bytes other components keep on the device meanwhile (resident, kept models)
     device_type: str = "cuda"
-    working: int = 0  # the component's working memory per forward, where known (else `headroom` covers it)
+    working: int = 0  # the largest working memory of a forward of the call, where known (else `headroom` covers it)
 
 
 def layout(module, rule, room: DeviceRoom, pinned_available: int = 0, whole: bool = False) -> StreamLayout:

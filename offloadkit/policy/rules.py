@@ -435,6 +435,11 @@ class StreamRule(PrecisionRule):
     block_layout: ClassVar[bool] = True
     synthesis_rank: ClassVar[int | None] = 2
 
+    @classmethod
+    def search_forms(cls, device_type: str) -> list["StreamRule"]:
+        # from host RAM first; from disk for a model that host RAM cannot hold beside the others
+        return [cls.fastest(device_type), cls.model_validate({"strategy": cls.name, "from": "disk"})]
+
     @model_validator(mode="after")
     def _folder_is_for_disk(self):
         if self.folder is not None and self.source != "disk":

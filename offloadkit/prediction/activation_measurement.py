@@ -18,10 +18,12 @@ from .activations import (
     _ROLES,
     _T5_DEFAULT,
     CLIP_TOKENS,
+    QWEN_TOKENS,
     T5_TOKENS,
     _describe,
     _get,
     _text_config,
+    default_text_tokens,
 )
 
 
@@ -87,7 +89,8 @@ def measure_peak(module, run, *, inputs=()) -> tuple[int, set[str]]:
 
 
 def example_forward(module, *, role: str, height: int, width: int, batch: int = 1, guidance: bool = True,
-                    num_frames: int | None = None, text_tokens: int | None = None, latent_scale: int | None = None):
+                    num_frames: int | None = None, text_tokens: int | None = None, latent_scale: int | None = None,
+                    reference_images: int = 0):
     """``(run, inputs)``: a call of the model's forward (or ``decode``) on zeros of the shapes a pipeline gives it.
 
     Uses the same batch, guidance, text-length and frame rules as `working_memory`; the model's
@@ -112,20 +115,24 @@ def example_forward(module, *, role: str, height: int, width: int, batch: int = 
     def zeros(*shape, dt=None):
         return torch.zeros(*shape, dtype=dt or dtype, device=device)
 
-    if family in ("clip", "t5"):
-        tokens = text_tokens or (_get(_text_config(config), "max_position_embeddings", CLIP_TOKENS)
-                                 if family == "clip" else _T5_DEFAULT)
-        ids = torch.ones(batch, tokens, dtype=torch.long, device=device)
+    if family in ("clip", "t5", "qwen_vl"):
+        ids = torch.ones(batch, text_tokens or default_text_tokens(family, config), dtype=torch.long, device=device)
         if family == "clip":
             return (lambda: module(ids, output_hidden_states=True)), [ids]
+        if family == "qwen_vl":  # as QwenImagePipeline calls it, with the text-only rope positions it would compute
+            # (computing them reads values, which `meta` tensors, used to count FLOPs, do not have)
+            mask = None if device.type == "meta" else torch.ones_like(ids)
+            positions = torch.arange(ids.shape[1], device=device).view(1, 1, -1).expand(3, batch, -1)
+            return (lambda: module(input_ids=ids, attention_mask=mask, position_ids=positions,
+                                   output_hidden_states=True)), [ids, positions] + ([mask] if mask is not None else [])
         return (lambda: module(ids)), [ids]
     if family == "vae":
         scale = 2 ** (len(config["block_out_channels"]) - 1)
         z = zeros(batch, config["latent_channels"], math.ceil(height / scale), math.ceil(width / scale))
         return (lambda: module.decode(z)), [z]
-    if family == "wan_vae":
+    if family in ("wan_vae", "qwen_vae"):
         scale = 2 ** (len(config["dim_mult"]) - 1)
-        frames = num_frames or 81
+        frames = 1 if family == "qwen_vae" else num_frames or 81
         z = zeros(batch, config["z_dim"], (frames - 1) // 4 + 1, math.ceil(height / scale), math.ceil(width / scale))
         return (lambda: module.decode(z)), [z]
 
@@ -152,7 +159,7 @@ def example_forward(module, *, role: str, height: int, width: int, batch: int = 
             [text, sample, pooled, t]
     if family == "flux":
         tokens = text_tokens or _T5_DEFAULT
-        n = math.ceil(h / 2) * math.ceil(w / 2)
+        n = math.ceil(h / 2) * math.ceil(w / 2) * (1 + reference_images)  # Kontext: the input image's tokens too
         sample = zeros(b, n, config["in_channels"])
         text = zeros(b, tokens, config["joint_attention_dim"])
         pooled = zeros(b, config["pooled_projection_dim"])
@@ -160,6 +167,14 @@ def example_forward(module, *, role: str, height: int, width: int, batch: int = 
         extra = {"guidance": t} if config.get("guidance_embeds") else {}
         return (lambda: module(sample, encoder_hidden_states=text, pooled_projections=pooled, timestep=t,
                                img_ids=img_ids, txt_ids=txt_ids, **extra)), [sample, text, pooled, img_ids, txt_ids, t]
+    if family == "qwen":
+        tokens = text_tokens or QWEN_TOKENS
+        sample = zeros(b, math.ceil(h / 2) * math.ceil(w / 2), config["in_channels"])
+        text = zeros(b, tokens, config["joint_attention_dim"])
+        mask = torch.ones(b, tokens, dtype=torch.long, device=device)
+        shapes = [(1, math.ceil(h / 2), math.ceil(w / 2))] * b
+        return (lambda: module(sample, encoder_hidden_states=text, encoder_hidden_states_mask=mask, timestep=t,
+                               img_shapes=shapes)), [sample, text, mask, t]
     # wan
     frames = ((num_frames or 81) - 1) // 4 + 1
     sample = zeros(b, config["in_channels"], frames, h, w)

@@ -40,6 +40,12 @@ peak happens was found by tracking the module running at the peak). Every formul
 * ``AutoencoderKLWan.decode``: it decodes one latent frame (4 video frames) at a time with a
   causal cache: ``12.3 x 4 x pixels x base_dim`` (the cache of 2 frames per causal conv is in
   K), plus the decoded video twice (``torch.cat`` joins chunks, old and new output coexist).
+* ``QwenImageTransformer2DModel``: ``14 x inner_dim`` per token, image and text alike (60 dual-stream
+  blocks with joint attention, 4x GELU feed-forwards in both streams: in K).
+* ``Qwen2_5_VLForConditionalGeneration`` (Qwen-Image's text encoder, run with ``output_hidden_states``):
+  every layer's output stays alive beside the logits of every token (``tokens x vocabulary``, 152,064
+  wide: the peak, measured within 1%) or a layer's gated MLP, whichever is larger.
+* ``AutoencoderKLQwenImage.decode`` (Wan's VAE on one frame): ``18 x pixels x base_dim`` plus the image.
 * Not covered: VAE ``encode`` (img2img), image encoders, the safety checker, VAE tiling/slicing.
 * CLIP text: ``tokens x ((7 + layers + 1) x hidden + intermediate)`` (pipelines ask for
   ``output_hidden_states``: every layer's output stays alive). T5 / UMT5:
@@ -58,7 +64,9 @@ a separate forward: their batch never doubles. VAE decode never doubles.
 Text lengths (the installed diffusers' pipeline defaults): CLIP 77 tokens (its
 ``max_position_embeddings``); T5 in SD3: 256 (``max_sequence_length=256``), so the SD3
 transformer sees 77 + 256 = 333 text tokens; T5 in FLUX.1 (dev and schnell share the
-pipeline): 512; UMT5 in Wan 2.1: 512. ``text_tokens=`` overrides.
+pipeline): 512; UMT5 in Wan 2.1: 512. Qwen-Image pads prompts to the longest, not to a fixed
+length: its bound at the default ``max_sequence_length=512`` is used, 512 + 34 template tokens
+for Qwen2.5-VL and 512 for the transformer (a short prompt needs less). ``text_tokens=`` overrides.
 
 Dtype. Estimates scale with the element size (fp16/bf16 = half of fp32; on CPU the tiny
 models' measured bf16 peaks are exactly half their fp32 peaks). SDXL's pipeline
@@ -108,6 +116,15 @@ TOLERANCE = (0.67, 1.5)
 CLIP_TOKENS = 77
 T5_TOKENS = {"StableDiffusion3Pipeline": 256, "FluxPipeline": 512, "WanPipeline": 512}
 _T5_DEFAULT = 512
+# Qwen-Image: its pipeline wraps the prompt in a 34-token chat template, runs Qwen2.5-VL on the padded
+# batch and cuts the template off and the rest to `max_sequence_length` (512 by default) for the
+# transformer. Prompts are padded to the longest, not to 512: these are the bounds a 512-token prompt reaches.
+QWEN_TEMPLATE_TOKENS = 34
+QWEN_TOKENS = 512
+
+# Pipelines whose transformer sees the latents of input images beside the generated ones (as many tokens
+# again per image): Flux.1 Kontext concatenates the encoded image to edit, taken at the output's size.
+REFERENCE_IMAGES = {"FluxKontextPipeline": 1}
 
 # Denoisers whose pipelines batch the conditional and unconditional inputs into one forward.
 _CFG_BATCHED = ("UNet2DConditionModel", "ControlNetModel", "SD3Transformer2DModel", "SD3ControlNetModel")
@@ -123,6 +140,9 @@ K_VAE = 3.0  # AutoencoderKL decode: units of the largest channels x pixels of t
 K_WAN_VAE = 12.3  # AutoencoderKLWan decode: units of 4 frames x pixels x first-level channels (incl. its causal cache)
 K_CLIP = 7.0  # CLIP text: units of tokens x hidden, beside the feed-forward hidden and every layer's output
 K_T5 = 8.0  # T5/UMT5: units of tokens x d_model, beside the two gated feed-forward hiddens
+K_QWEN = 14.0  # Qwen-Image transformer: units of inner_dim per token, image and text alike (two streams, joint attention)
+K_QWEN_VL = 8.0  # Qwen2.5-VL text: units of tokens x hidden beside a layer's gated MLP (assumed: the logits peak)
+K_QWEN_VAE = 18.0  # AutoencoderKLQwenImage decode of one frame: units of pixels x first-level channels
 
 
 # --------------------------------------------------------------------------
@@ -191,7 +211,8 @@ def _unet_elements(config: dict, h: int, w: int, batch: int, text_tokens: int) -
     return batch * (working + 2 * text_tokens * cross)
 
 
-def _dit_elements(family: str, config: dict, h: int, w: int, frames: int, batch: int, text_tokens: int) -> float:
+def _dit_elements(family: str, config: dict, h: int, w: int, frames: int, batch: int, text_tokens: int,
+                  references: int = 0) -> float:
     heads = _get(config, "num_attention_heads", 24)
     head_dim = _get(config, "attention_head_dim", 64)
     inner = heads * head_dim
@@ -199,8 +220,13 @@ def _dit_elements(family: str, config: dict, h: int, w: int, frames: int, batch:
     if family == "flux":
         # FluxPipeline packs 2x2 latent patches into tokens itself (patch_size in the config is 1);
         # image and text tokens go through the same blocks
-        image_tokens = math.ceil(h / 2) * math.ceil(w / 2)
+        image_tokens = math.ceil(h / 2) * math.ceil(w / 2) * (1 + references)
         return batch * inner * K_FLUX * (image_tokens + text_tokens)
+    if family == "qwen":
+        # QwenImagePipeline packs 2x2 latent patches into tokens (as Flux); image and text tokens keep
+        # their own streams but attend jointly, so the per-token working set is one formula
+        image_tokens = math.ceil(h / 2) * math.ceil(w / 2)
+        return batch * inner * K_QWEN * (image_tokens + text_tokens)
     if family == "wan":
         pt, ph, pw = patch if isinstance(patch, (list, tuple)) else (1, patch, patch)
         tokens = math.ceil(frames / pt) * math.ceil(h / ph) * math.ceil(w / pw)
@@ -243,6 +269,15 @@ def _text_elements(family: str, config: dict, batch: int, tokens: int) -> float:
         layers = _get(config, "num_hidden_layers", 12)
         # pipelines ask for output_hidden_states: every layer's output stays alive
         return batch * tokens * (K_CLIP * hidden + feed_forward + (layers + 1) * hidden)
+    if family == "qwen_vl":
+        text = config.get("text_config", config)
+        hidden = _get(text, "hidden_size", 3584)
+        layers = _get(text, "num_hidden_layers", 28)
+        # a decoder LM run with output_hidden_states: every layer's output stays alive, beside either a layer's
+        # gated MLP (gate, up and their product) or, at the end, the logits of every token (the pipeline ignores
+        # them; the model computes them). For Qwen2.5-VL-7B the logits are the peak (152,064 wide)
+        layer = K_QWEN_VL * hidden + 3 * _get(text, "intermediate_size", 4 * hidden)
+        return batch * tokens * ((layers + 1) * hidden + max(layer, _get(text, "vocab_size", 152064)))
     hidden = _get(config, "d_model", 4096)
     feed_forward = _get(config, "d_ff", 4 * hidden) * (2 if _get(config, "is_gated_act", True) else 1)
     heads = _get(config, "num_heads", 64)
@@ -255,18 +290,29 @@ _FAMILIES = {
     "UNet2DConditionModel": "unet", "ControlNetModel": "unet",
     "SD3Transformer2DModel": "sd3", "SD3ControlNetModel": "sd3",
     "FluxTransformer2DModel": "flux", "FluxControlNetModel": "flux",
-    "WanTransformer3DModel": "wan",
-    "AutoencoderKL": "vae", "AutoencoderKLWan": "wan_vae",
+    "WanTransformer3DModel": "wan", "QwenImageTransformer2DModel": "qwen",
+    "AutoencoderKL": "vae", "AutoencoderKLWan": "wan_vae", "AutoencoderKLQwenImage": "qwen_vae",
     "CLIPTextModel": "clip", "CLIPTextModelWithProjection": "clip",
-    "T5EncoderModel": "t5", "UMT5EncoderModel": "t5",
+    "T5EncoderModel": "t5", "UMT5EncoderModel": "t5", "Qwen2_5_VLForConditionalGeneration": "qwen_vl",
 }
-_ROLES = {"unet": "denoise", "sd3": "denoise", "flux": "denoise", "wan": "denoise",
-          "vae": "decode", "wan_vae": "decode", "clip": "encode", "t5": "encode"}
+_ROLES = {"unet": "denoise", "sd3": "denoise", "flux": "denoise", "wan": "denoise", "qwen": "denoise",
+          "vae": "decode", "wan_vae": "decode", "qwen_vae": "decode", "clip": "encode", "t5": "encode",
+          "qwen_vl": "encode"}
+
+
+def default_text_tokens(family: str, config: dict) -> int:
+    """Tokens an encoder of `family` sees by default: CLIP its positions (77), T5 512, Qwen2.5-VL the bound
+    of a Qwen-Image prompt (512 kept tokens plus the template cut off after encoding)."""
+    if family == "clip":
+        return _get(_text_config(config), "max_position_embeddings", CLIP_TOKENS)
+    if family == "qwen_vl":
+        return QWEN_TOKENS + QWEN_TEMPLATE_TOKENS
+    return _T5_DEFAULT
 
 
 def working_memory(module_or_config, *, role: str, height: int, width: int, batch: int = 1, dtype="fp16",
                    guidance: bool = True, num_frames: int | None = None, text_tokens: int | None = None,
-                   latent_scale: int | None = None) -> int:
+                   latent_scale: int | None = None, reference_images: int = 0) -> int:
     """Estimated peak bytes of activations and temporaries (not weights) of ONE forward of a model.
 
     `module_or_config`: a model (on ``meta`` or loaded), a config dict with ``_class_name`` /
@@ -275,7 +321,8 @@ def working_memory(module_or_config, *, role: str, height: int, width: int, batc
     `height`/`width`: the image in pixels; `batch`: images per call (doubled for denoisers whose
     pipeline batches classifier-free guidance, when `guidance`); `num_frames`: video frames (Wan);
     `text_tokens`: overrides the pipeline default text length; `latent_scale`: pixels per latent
-    for denoisers (default 8; the VAE's ``2 ** (len(block_out_channels) - 1)``).
+    for denoisers (default 8; the VAE's ``2 ** (len(block_out_channels) - 1)``); `reference_images`: input
+    images whose latents a Flux transformer sees beside the generated ones (Kontext: 1, at the output's size).
 
     >>> from offloadkit.prediction.sizing import build_component
     >>> vae = build_component("sdxl", "vae")
@@ -295,20 +342,21 @@ def working_memory(module_or_config, *, role: str, height: int, width: int, batc
         raise CallSettingsError(f"height, width and batch must be positive, got {height}x{width}, batch {batch}")
     config, size = model.config, dtype_size(dtype_name(dtype))
 
-    if family in ("clip", "t5"):
-        tokens = text_tokens or (_get(_text_config(config), "max_position_embeddings", CLIP_TOKENS)
-                                 if family == "clip" else _T5_DEFAULT)
-        return int(size * _text_elements(family, config, batch, tokens))
+    if family in ("clip", "t5", "qwen_vl"):
+        return int(size * _text_elements(family, config, batch, text_tokens or default_text_tokens(family, config)))
 
-    if family in ("vae", "wan_vae"):
+    if family in ("vae", "wan_vae", "qwen_vae"):
         if family == "vae":
             scale = 2 ** (len(_get(config, "block_out_channels", (1, 1, 1, 1))) - 1)
             return int(size * _vae_elements(config, math.ceil(height / scale), math.ceil(width / scale), batch))
         mult = _get(config, "dim_mult", (1, 2, 4, 4))
         scale = 2 ** (len(mult) - 1)
-        frames = num_frames or 81
+        if family == "qwen_vae":  # one frame: no causal cache of earlier chunks, a different K
+            pixels = height * width
+            return int(size * batch * (K_QWEN_VAE * pixels * _get(config, "base_dim", 96)
+                                       * _get(config, "dim_mult", (1,))[0] + 2 * 3 * pixels))
         return int(size * _wan_vae_elements(config, math.ceil(height / scale), math.ceil(width / scale),
-                                            frames, batch))
+                                            num_frames or 81, batch))
 
     scale = latent_scale or 8  # denoiser configs do not carry the VAE's factor; 8 for every built-in VAE
     h, w = math.ceil(height / scale), math.ceil(width / scale)
@@ -317,12 +365,14 @@ def working_memory(module_or_config, *, role: str, height: int, width: int, batc
         return int(size * _unet_elements(config, h, w, effective, text_tokens or CLIP_TOKENS))
     if family == "sd3":
         tokens = text_tokens or (CLIP_TOKENS + T5_TOKENS["StableDiffusion3Pipeline"])
+    elif family == "qwen":
+        tokens = text_tokens or QWEN_TOKENS
     else:
         tokens = text_tokens or _T5_DEFAULT
     frames = 1
     if family == "wan":
         frames = ((num_frames or 81) - 1) // 4 + 1  # Wan 2.1's VAE: 4x temporal compression, first frame alone
-    return int(size * _dit_elements(family, config, h, w, frames, effective, tokens))
+    return int(size * _dit_elements(family, config, h, w, frames, effective, tokens, reference_images))
 
 
 
@@ -372,7 +422,7 @@ def component_working_memory(source, *, height: int, width: int, batch: int = 1,
     for model in models.values():
         if model.class_name == "AutoencoderKL":
             scale = 2 ** (len(_get(model.config, "block_out_channels", (1, 1, 1, 1))) - 1)
-        elif model.class_name == "AutoencoderKLWan":
+        elif model.class_name in ("AutoencoderKLWan", "AutoencoderKLQwenImage"):
             scale = 2 ** (len(_get(model.config, "dim_mult", (1, 1, 1, 1))) - 1)
     found = {}
     for name, model in models.items():
@@ -387,6 +437,7 @@ def component_working_memory(source, *, height: int, width: int, batch: int = 1,
             component_dtype = "fp32"
         found[name] = working_memory(objects[name], role=role, height=height, width=width, batch=batch,
                                      dtype=component_dtype, guidance=guidance, num_frames=num_frames,
-                                     text_tokens=tokens, latent_scale=scale)
+                                     text_tokens=tokens, latent_scale=scale,
+                                     reference_images=REFERENCE_IMAGES.get(pipeline_class, 0) if role == "denoise" else 0)
     return found
 

@@ -13,29 +13,29 @@ A loaded pipeline's models are not run (that would compute for real): no compute
 
 from __future__ import annotations
 
-from .activations import _FAMILIES, _ROLES, _describe
+from .activations import _FAMILIES, _ROLES, REFERENCE_IMAGES, _describe
 
 
 _COUNTED = None  # module -> {call settings: FLOPs}: built-in models are built once per process, counted once
 
 
 def forward_flops(module, *, height: int, width: int, batch: int = 1, guidance: bool = True,
-                  num_frames: int | None = None) -> int | None:
+                  num_frames: int | None = None, reference_images: int = 0) -> int | None:
     """FLOPs of one forward of a model built on `meta` at these call settings; None when it cannot be counted."""
     import weakref
 
     global _COUNTED
     if _COUNTED is None:
         _COUNTED = weakref.WeakKeyDictionary()
-    key = (height, width, batch, guidance, num_frames)
+    key = (height, width, batch, guidance, num_frames, reference_images)
     counted = _COUNTED.setdefault(module, {})
     if key not in counted:
         counted[key] = _count(module, height=height, width=width, batch=batch, guidance=guidance,
-                              num_frames=num_frames)
+                              num_frames=num_frames, reference_images=reference_images)
     return counted[key]
 
 
-def _count(module, *, height, width, batch, guidance, num_frames) -> int | None:
+def _count(module, *, height, width, batch, guidance, num_frames, reference_images) -> int | None:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
@@ -49,7 +49,8 @@ def _count(module, *, height, width, batch, guidance, num_frames) -> int | None:
         return None
     try:
         run, _ = example_forward(module, role=_ROLES[family], height=height, width=width, batch=batch,
-                                 guidance=guidance, num_frames=num_frames)
+                                 guidance=guidance, num_frames=num_frames,
+                                 reference_images=reference_images if _ROLES[family] == "denoise" else 0)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             run()
     except Exception:  # a forward that meta tensors cannot run: no estimate rather than a wrong one
@@ -57,12 +58,15 @@ def _count(module, *, height, width, batch, guidance, num_frames) -> int | None:
     return int(counter.get_total_flops())
 
 
-def component_flops(modules: dict, settings) -> dict:
-    """{component: FLOPs of one forward} for the models that can be counted."""
+def component_flops(modules: dict, settings, pipeline_class: str = "") -> dict:
+    """{component: FLOPs of one forward} for the models that can be counted. A VAE's forward is its decode,
+    also where the pipeline encodes an input image with it (an encode costs less: an upper bound)."""
+    references = REFERENCE_IMAGES.get(pipeline_class, 0)
     found = {}
     for name, module in modules.items():
         flops = forward_flops(module, height=settings.height, width=settings.width, batch=settings.batch,
-                              guidance=settings.guidance, num_frames=settings.num_frames)
+                              guidance=settings.guidance, num_frames=settings.num_frames,
+                              reference_images=references)
         if flops is not None:
             found[name] = flops
     return found

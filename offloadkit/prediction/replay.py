@@ -536,7 +536,7 @@ class PredictionContext:
             if self.flops is None and self.hardware is not None and self.hardware.compute:
                 from .compute import component_flops
 
-                self.flops = component_flops(self.modules, self.settings)
+                self.flops = component_flops(self.modules, self.settings, self.spec.class_name)
             prediction = predict_plan(plan, self.modules, self.schedule, self.settings, hardware=self.hardware,
                                       working_memory=self.working, runtime_overhead=self.overhead,
                                       profiles=self.profiles, flops=self.flops)

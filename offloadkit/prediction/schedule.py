@@ -16,6 +16,11 @@ diffusers pipelines' `encode_prompt` and denoising loops:
   guidance (an absent T5 is not called).
 - Flux: CLIP then T5, once; the transformer once a step (guidance is
   distilled). "True CFG" (a negative prompt) doubles both.
+- Flux.1 Kontext (image editing): as Flux, and the VAE encodes the input image after the
+  prompt, before the loop (`prepare_latents`); the transformer sees its latents beside the
+  generated ones (twice the image tokens, when the input is at the output's size).
+- Qwen-Image: Qwen2.5-VL once; the transformer once a step. Its "true CFG" needs a negative
+  prompt (`true_cfg_scale` > 1 alone does nothing): then both run twice, as Flux's.
 - Wan: the T5 encoder, again for the negative prompt under guidance; the
   transformer runs twice a step under guidance (conditional and unconditional
   as separate forwards).
@@ -45,7 +50,9 @@ from ..plans.stages import DECODE, DENOISE, ENCODE, stage_of
 _BESIDE_THE_DENOISER = ("controlnet", "safety_checker")
 CHECKED = frozenset({"StableDiffusionPipeline", "StableDiffusionControlNetPipeline", "StableDiffusionXLPipeline",
                      "StableDiffusionXLControlNetPipeline", "StableDiffusion3Pipeline", "FluxPipeline",
-                     "WanPipeline"})
+                     "WanPipeline", "QwenImagePipeline", "FluxKontextPipeline"})
+# Pipelines whose VAE encodes an input image after the prompt, before the denoising loop.
+_ENCODES_INPUT_IMAGE = frozenset({"FluxKontextPipeline"})
 
 
 @dataclass(frozen=True)
@@ -71,13 +78,13 @@ class CallSettings:
 
 
 _DEFAULT_SIZE = {"sd": (512, 512, None), "sdxl": (1024, 1024, None), "sd3": (1024, 1024, None),
-                 "flux": (1024, 1024, None), "wan": (480, 832, 81), "generic": (1024, 1024, None)}
+                 "flux": (1024, 1024, None), "qwen": (1024, 1024, None), "wan": (480, 832, 81), "generic": (1024, 1024, None)}
 
 
 def pipeline_family(class_name: str) -> str:
-    """`sd`, `sdxl`, `sd3`, `flux`, `wan` or `generic`, from the pipeline class name."""
+    """`sd`, `sdxl`, `sd3`, `flux`, `qwen`, `wan` or `generic`, from the pipeline class name."""
     for prefix, family in (("StableDiffusionXL", "sdxl"), ("StableDiffusion3", "sd3"), ("Flux", "flux"),
-                           ("Wan", "wan"), ("StableDiffusion", "sd")):
+                           ("QwenImage", "qwen"), ("Wan", "wan"), ("StableDiffusion", "sd")):
         if class_name.startswith(prefix):
             return family
     return "generic"
@@ -133,7 +140,7 @@ def schedule(class_name: str, present: list[str], settings: CallSettings, *, off
     per_step = 1
     if family == "sdxl":
         twice_encode = settings.guidance and (settings.negative_prompt or not force_zeros_for_empty_prompt)
-    elif family == "flux":
+    elif family in ("flux", "qwen"):  # true CFG: only with a negative prompt, as separate forwards
         twice_encode = per_step_true_cfg = settings.guidance and settings.negative_prompt
         per_step = 2 if per_step_true_cfg else 1
     elif family == "wan":
@@ -141,6 +148,8 @@ def schedule(class_name: str, present: list[str], settings: CallSettings, *, off
     elif family == "generic":
         encoders = [n for n in order if stage[n] == ENCODE and "image_encoder" not in n] or encoders
     forwards = list(encoders) * (2 if twice_encode else 1)
+    if class_name in _ENCODES_INPUT_IMAGE:
+        forwards += [n for n in order if stage[n] == DECODE]
     denoisers = [n for n in order if stage[n] == DENOISE and n not in _BESIDE_THE_DENOISER]
     experts = family == "wan" and boundary_ratio is not None and {"transformer", "transformer_2"} <= have
     if experts:  # two experts switching at a boundary timestep (Wan 2.2 A14B)

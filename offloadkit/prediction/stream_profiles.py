@@ -88,15 +88,32 @@ def _is_vae(module) -> bool:
     return hasattr(module, "decode") and hasattr(module, "decoder")
 
 
+# Submodules a pipeline never calls, by the class that holds them: Qwen-Image prompts are text, so its
+# Qwen2.5-VL encoder's vision tower never runs (the layer tiers load only what runs).
+_NEVER_CALLED = {"Qwen2_5_VLForConditionalGeneration": ("model.visual",)}
+
+
+def _never_called(module) -> set[int]:
+    """ids of the submodules of `module` that its pipeline's forwards never call."""
+    found = set()
+    for path in _NEVER_CALLED.get(type(module).__name__, ()):
+        try:
+            found.add(id(module.get_submodule(path)))
+        except AttributeError:
+            pass
+    return found
+
+
 def _layer_profile(module, offload_buffers) -> StreamProfile:
     if offload_buffers == "auto":  # diffusers' rule in enable_sequential_cpu_offload, as streaming.py applies it
         offload_buffers = len(module._parameters) > 0
     decode_only = _is_vae(module)
+    skipped = _never_called(module)
 
     def walk(sub, top):
         own = _own(sub, offload_buffers)
         children = _children(sub, decode_only) if top else sub.named_children()
-        totals = [walk(child, False) for _, child in children]
+        totals = [walk(child, False) for _, child in children if id(child) not in skipped]
         return (own + sum(t[0] for t in totals), own + max((t[1] for t in totals), default=0),
                 (1 if own else 0) + sum(t[2] for t in totals))
 
@@ -157,6 +174,7 @@ def _leaf_group_profile(module, stream: bool) -> StreamProfile:
 
     leaves = []
     decode_only = _is_vae(module)
+    skipped = _never_called(module)
 
     def walk(sub, top=False):
         if isinstance(sub, LAYERS):
@@ -165,7 +183,7 @@ def _leaf_group_profile(module, stream: bool) -> StreamProfile:
             return total, total, 1
         own = _own(sub, buffers=True)
         children = [c for _, c in _children(sub, decode_only)] if top else list(sub.children())
-        totals = [walk(child) for child in children]
+        totals = [walk(child) for child in children if id(child) not in skipped]
         return (own + sum(t[0] for t in totals), own + max((t[1] for t in totals), default=0),
                 (1 if own else 0) + sum(t[2] for t in totals))
 

@@ -282,6 +282,7 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
     prediction, checks, _ = best
     rules = search.rules(state)
     reasons = _reasons(search, state, models)
+    _pin_resident_counts(rules, reasons, context)
     device_limit = next(c for c in checks if c.limit == DEVICE)
     limit_bytes = device_limit.available
     if name is None:
@@ -292,6 +293,20 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
     policy = load(_load_text(text))
     prediction = context.predict(resolve(policy, context.spec, context.device, machine=context.machine))
     return Synthesis(policy, prediction, reasons, limit_bytes, len(search.cache), search.fitting, text)
+
+
+def _pin_resident_counts(rules: dict, reasons: dict, context) -> None:
+    """Write `resident: auto` as the count the plan found, so the policy keeps what was predicted: at apply, `auto`
+    would measure the free memory then, and cannot know the working memory of the call's other forwards."""
+    policy = load(_load_text("version: 1\nname: draft\ncomponents:\n"
+                             + "".join(f"  {_yaml_entry(n, r)}\n" for n, r in rules.items())))
+    plan = resolve(policy, context.spec, context.device, machine=context.machine)
+    for name, rule in rules.items():
+        layout = plan.component(name).stream
+        if layout is not None and layout.blocks and rule.get("resident", "auto") == "auto":
+            rule["resident"] = len(layout.resident)
+            reasons[name] += (f"; {len(layout.resident)} of its {len(layout.blocks)} blocks resident, as many as fit "
+                              "beside the call's largest working memory")
 
 
 def _nothing_fits(limit_source, best, state, models, search, allow_quantize) -> str:
