@@ -16,11 +16,37 @@ from .errors import OffloadkitError
 DEFAULT_SCHEMA_PATH = Path("schemas") / "policy.schema.json"
 
 
+def _versions() -> str:
+    """`offloadkit 0.1.0 (torch 2.13.0, diffusers 0.42.1, ...)`, read from the installed packages' metadata
+    (nothing is imported: it answers at once, and also where a library is broken)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    from . import __version__
+
+    found = []
+    for package in ("torch", "diffusers", "accelerate", "transformers", "pydantic"):
+        try:
+            found.append(f"{package} {version(package)}")
+        except PackageNotFoundError:
+            found.append(f"{package} not installed")
+    return f"offloadkit {__version__} ({', '.join(found)})"
+
+
+class _Version(argparse.Action):
+    """Prints `_versions()` on one line (argparse's own version action wraps it) and exits 0."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_versions())
+        parser.exit(0)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="offloadkit",
         description="Declarative offload policies for diffusers pipelines.",
     )
+    parser.add_argument("--version", action=_Version, nargs=0,
+                        help="offloadkit's version and those of the libraries it runs on (for bug reports)")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 

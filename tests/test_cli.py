@@ -38,6 +38,19 @@ def test_validate_invalid_exits_1_and_reports_every_file(capsys):
     assert "Traceback" not in captured.err
 
 
+def test_version_names_offloadkit_and_the_libraries_it_runs_on(capsys):
+    from importlib.metadata import version
+
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--version"])
+    assert exit_info.value.code == 0
+    from offloadkit import __version__
+
+    out = capsys.readouterr().out
+    assert out.startswith(f"offloadkit {__version__} (") and out.count("\n") == 1
+    assert f"torch {version('torch')}" in out and f"diffusers {version('diffusers')}" in out
+
+
 def test_usage_errors_exit_2():
     with pytest.raises(SystemExit) as info:
         main(["validate"])
