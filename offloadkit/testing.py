@@ -56,6 +56,8 @@ __all__ = [
     "tiny_pipeline",
     "tiny_sd3_pipeline",
     "tiny_flux_pipeline",
+    "tiny_flux_kontext_pipeline",
+    "tiny_qwen_image_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
 ]

@@ -21,8 +21,6 @@ from .activations import (
     QWEN_TOKENS,
     T5_TOKENS,
     _describe,
-    _get,
-    _text_config,
     default_text_tokens,
 )
 

@@ -261,6 +261,13 @@ def _wan_vae_elements(config: dict, h: int, w: int, frames: int, batch: int) -> 
     return batch * (K_WAN_VAE * chunk_frames * pixels * base * mult[0] + 2 * output)
 
 
+def _qwen_vae_elements(config: dict, height: int, width: int, batch: int) -> float:
+    # Wan's VAE on one frame (pixels of the decoded image): no causal cache of earlier chunks, its own K
+    pixels = height * width
+    return batch * (K_QWEN_VAE * pixels * _get(config, "base_dim", 96) * _get(config, "dim_mult", (1,))[0]
+                    + 2 * 3 * pixels)
+
+
 def _text_elements(family: str, config: dict, batch: int, tokens: int) -> float:
     if family == "clip":
         config = _text_config(config)
@@ -349,12 +356,9 @@ def working_memory(module_or_config, *, role: str, height: int, width: int, batc
         if family == "vae":
             scale = 2 ** (len(_get(config, "block_out_channels", (1, 1, 1, 1))) - 1)
             return int(size * _vae_elements(config, math.ceil(height / scale), math.ceil(width / scale), batch))
-        mult = _get(config, "dim_mult", (1, 2, 4, 4))
-        scale = 2 ** (len(mult) - 1)
-        if family == "qwen_vae":  # one frame: no causal cache of earlier chunks, a different K
-            pixels = height * width
-            return int(size * batch * (K_QWEN_VAE * pixels * _get(config, "base_dim", 96)
-                                       * _get(config, "dim_mult", (1,))[0] + 2 * 3 * pixels))
+        if family == "qwen_vae":
+            return int(size * _qwen_vae_elements(config, height, width, batch))
+        scale = 2 ** (len(_get(config, "dim_mult", (1, 2, 4, 4))) - 1)
         return int(size * _wan_vae_elements(config, math.ceil(height / scale), math.ceil(width / scale),
                                             num_frames or 81, batch))
 
@@ -438,6 +442,6 @@ def component_working_memory(source, *, height: int, width: int, batch: int = 1,
         found[name] = working_memory(objects[name], role=role, height=height, width=width, batch=batch,
                                      dtype=component_dtype, guidance=guidance, num_frames=num_frames,
                                      text_tokens=tokens, latent_scale=scale,
-                                     reference_images=REFERENCE_IMAGES.get(pipeline_class, 0) if role == "denoise" else 0)
+                                     reference_images=REFERENCE_IMAGES.get(pipeline_class, 0))
     return found
 

@@ -49,8 +49,7 @@ def _count(module, *, height, width, batch, guidance, num_frames, reference_imag
         return None
     try:
         run, _ = example_forward(module, role=_ROLES[family], height=height, width=width, batch=batch,
-                                 guidance=guidance, num_frames=num_frames,
-                                 reference_images=reference_images if _ROLES[family] == "denoise" else 0)
+                                 guidance=guidance, num_frames=num_frames, reference_images=reference_images)
         with FlopCounterMode(display=False) as counter, torch.no_grad():
             run()
     except Exception:  # a forward that meta tensors cannot run: no estimate rather than a wrong one

@@ -130,10 +130,8 @@ class _Search:
         """(prediction, limit checks, cost) or None when the policy cannot be resolved."""
         if state in self.cache:
             return self.cache[state]
-        policy = load({"version": 1, "device": self.context.device, "components": self.rules(state)})
         try:
-            prediction = self.context.predict(resolve(policy, self.context.spec, self.context.device,
-                                                      machine=self.context.machine))
+            prediction = self.context.predict(self.plan(state))
         except OffloadkitError:  # a rule this pipeline or device cannot run (e.g. a model without blocks)
             result = None
         else:
@@ -143,6 +141,11 @@ class _Search:
             self.fitting += not binding(checks)
         self.cache[state] = result
         return result
+
+    def plan(self, state):
+        """The plan of the policy a state gives, on the context's machine."""
+        policy = load({"version": 1, "device": self.context.device, "components": self.rules(state)})
+        return resolve(policy, self.context.spec, self.context.device, machine=self.context.machine)
 
     def limits(self, prediction) -> tuple[LimitCheck, ...]:
         checks = [c for c in prediction.limits if self.check_host or c.limit == DEVICE]
@@ -282,7 +285,7 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
     prediction, checks, _ = best
     rules = search.rules(state)
     reasons = _reasons(search, state, models)
-    _pin_resident_counts(rules, reasons, context)
+    _pin_resident_counts(rules, reasons, search.plan(state))
     device_limit = next(c for c in checks if c.limit == DEVICE)
     limit_bytes = device_limit.available
     if name is None:
@@ -295,16 +298,13 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
     return Synthesis(policy, prediction, reasons, limit_bytes, len(search.cache), search.fitting, text)
 
 
-def _pin_resident_counts(rules: dict, reasons: dict, context) -> None:
+def _pin_resident_counts(rules: dict, reasons: dict, plan) -> None:
     """Write `resident: auto` as the count the plan found, so the policy keeps what was predicted: at apply, `auto`
     would measure the free memory then, and cannot know the working memory of the call's other forwards."""
-    policy = load(_load_text("version: 1\nname: draft\ncomponents:\n"
-                             + "".join(f"  {_yaml_entry(n, r)}\n" for n, r in rules.items())))
-    plan = resolve(policy, context.spec, context.device, machine=context.machine)
     for name, rule in rules.items():
         layout = plan.component(name).stream
         if layout is not None and layout.blocks and rule.get("resident", "auto") == "auto":
-            rule["resident"] = len(layout.resident)
+            rules[name] = {**rule, "resident": len(layout.resident)}  # the search's option stays as it was
             reasons[name] += (f"; {len(layout.resident)} of its {len(layout.blocks)} blocks resident, as many as fit "
                               "beside the call's largest working memory")
 
