@@ -18,7 +18,7 @@ from offloadkit.policy.rules import RULES as RULE_CLASSES, ModelRule
 from offloadkit.errors import PipelineError, PolicyError
 from offloadkit.plans.pipeline_spec import spec_from_pipeline
 from offloadkit.tensor_bytes import module_bytes
-from offloadkit.testing import tiny_pipeline
+from offloadkit.testing import tiny_call_kwargs, tiny_pipeline
 
 
 def limit_for(backend, strategy, options):
@@ -521,3 +521,22 @@ def test_quantize_picks_a_backend_that_runs_on_the_device(monkeypatch):
     assert backend_on("cuda:0") == "quanto"
     with pytest.raises(PolicyError, match="torchao is not installed .*; quanto does not run on mps"):
         backend_on("mps:0")
+
+
+def test_a_compute_dtype_other_than_the_components_is_refused_at_apply(tmp_path):
+    """Inputs come in the component's dtype: layers cast up to another one would fail in the first call."""
+    pipe = tiny_pipeline("sd")  # float32
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ncomponents:\n  unet:\n    strategy: model\n    storage_dtype: float8_e4m3fn\n"
+                      "    compute_dtype: float16\n")
+    offloadkit.load(str(policy))  # valid on its own: the dtype is known once a pipeline is loaded
+    with pytest.raises(PolicyError) as caught:
+        offloadkit.apply(pipe, str(policy), device="cpu")
+    message = str(caught.value)
+    assert "p.yaml:6:" in message and "float32 weights" in message and "Remove `compute_dtype`" in message
+    assert not hasattr(pipe, "_offloadkit_handle")
+    # the same dtype as the weights is accepted and computes
+    policy.write_text("version: 1\ncomponents:\n  unet:\n    strategy: model\n    storage_dtype: float8_e4m3fn\n"
+                      "    compute_dtype: float32\n")
+    offloadkit.apply(pipe, str(policy), device="cpu")
+    assert pipe(**tiny_call_kwargs(pipe)).images.shape[0] == 1

@@ -125,6 +125,16 @@ def plan_precision(name, component, rule, sizes, policy, path, from_instance, de
     if key == "storage_dtype":
         effective = "layerwise_casting"
         subject = f"`storage_dtype` would store {name!r} with layerwise casting, which"
+        if rule.compute_dtype and component.dtype and not own and rule.compute_dtype != component.dtype:
+            # The pipeline feeds a component inputs in its weights' dtype; layers cast up to another dtype
+            # would meet them in the first matmul ("mat1 and mat2 must have the same dtype").
+            return rule, located_problem(
+                policy, where[:-1] + ("compute_dtype",) if where != path else path,
+                f"{name!r} has {component.dtype} weights, so the pipeline gives it {component.dtype} inputs, but "
+                f"`compute_dtype: {rule.compute_dtype}` would run its layers in {rule.compute_dtype}: the first "
+                f"call would fail on mismatched dtypes. Remove `compute_dtype` (it defaults to the component's "
+                f"dtype), or load the pipeline in {rule.compute_dtype} (torch_dtype=torch.{rule.compute_dtype})",
+                key=where != path)
         config = getattr(component.module, "config", None) or {}
         half = "float16" in (rule.compute_dtype, component.dtype)
         if hasattr(config, "get") and config.get("force_upcast") and half:

@@ -14,6 +14,7 @@ so the file never accumulates in the process's resident memory.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
@@ -22,7 +23,8 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
-from ..units import DTYPES, torch_dtype_name
+from ..errors import PipelineError
+from ..units import DTYPES, format_bytes, torch_dtype_name
 
 FILE_NAME = "weights.safetensors"
 PAGE = mmap.PAGESIZE
@@ -172,11 +174,41 @@ def store(component: str, tensors: dict, folder: Path) -> DiskWeights:
     target = Path(folder) / f"{component}-{fingerprint(primary)}"
     path = target / FILE_NAME
     if not path.is_file():
-        target.mkdir(parents=True, exist_ok=True)
+        created = not target.exists()
         partial = target / (FILE_NAME + ".partial")
-        write_aligned(primary, partial)
-        partial.replace(path)  # readers never see a half-written file
+        try:
+            target.mkdir(parents=True, exist_ok=True)
+            write_aligned(primary, partial)
+            partial.replace(path)  # readers never see a half-written file
+        except OSError as exc:
+            # nothing half-written is left behind: the partial file, and the folder if this made it
+            if partial.is_file():
+                partial.unlink()
+            if created:
+                shutil.rmtree(target, ignore_errors=True)
+            raise unwritable(component, Path(folder), exc, _stored_bytes(primary)) from None
     return DiskWeights(path, list(tensors), aliases)
+
+
+def _stored_bytes(tensors: dict) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def unwritable(component: str, folder: Path, exc: OSError, needed: int | None = None) -> PipelineError:
+    """The error for a disk-tier folder that cannot take a component's file: what failed and what to do."""
+    reason = exc.strerror or str(exc)
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT) and needed is not None:
+        try:
+            free = f"{format_bytes(shutil.disk_usage(folder).free)} free"
+        except OSError:
+            free = "less free"
+        hint = (f"its file needs {format_bytes(needed)} and the disk has {free}. Free space there, or set the "
+                "rule's `folder:` to a disk with room")
+    else:
+        hint = ("set the rule's `folder:` to a folder this process can write (it is created if missing; without "
+                "`folder:` the files go to a temporary folder under TMPDIR)")
+    return PipelineError(f"{component!r} (strategy disk) cannot keep its weights in {str(folder)!r}: {reason}. "
+                         f"Nothing was changed; {hint}")
 
 
 def discard(weights: DiskWeights) -> None:

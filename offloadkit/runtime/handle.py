@@ -8,9 +8,13 @@ model, the stream statistics, the prefetch stream and the disk-tier folder.
 
 from __future__ import annotations
 
+import threading
 import time
+import weakref
+from contextlib import contextmanager
 
 from ..accelerator import device_memory, empty_cache, host_ram, module_device, resolve_device
+from ..errors import PipelineError
 from ..plans.pipeline_spec import spec_from_pipeline
 from ..plans.plan import Plan
 from ..plans.resolve import resolve
@@ -30,6 +34,28 @@ def resolved(pipe, policy, device):
     target = resolve_device(device if device is not None else policy.device)
     spec = spec_from_pipeline(pipe)
     return policy, target, resolve(policy, spec, str(target), machine=_machine(spec, target))
+
+
+# module -> the active handle whose policy manages it. One module can follow one policy: two pipelines
+# sharing components (`Pipe2(**pipe1.components)`) under two policies would move each other's weights.
+_OWNERS: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def refuse_shared_components(pipe, the_plan: Plan) -> None:
+    """Refuse a plan managing a module another pipeline's active policy manages (shared `pipe.components`)."""
+    components = pipe.components
+    for component in the_plan.components:
+        module = components.get(component.name)
+        owner = _OWNERS.get(module) if component.rule.managed and module is not None else None
+        if owner is None or not owner.active or owner.pipe is pipe:
+            continue
+        other = next((n for n, m in owner.pipe.components.items() if m is module), component.name)
+        raise PipelineError(
+            f"component {component.name!r} is also {other!r} of another pipeline ({owner._base_class.__name__}, "
+            f"e.g. one built with Pipe(**pipe.components)), which is under the offloadkit policy "
+            f"{owner.plan.policy!r}. One module can follow one policy at a time: the two would move each other's "
+            "weights. Call offloadkit.remove() on the other pipeline first, or give "
+            f"{component.name!r} `strategy: skip` in this policy")
 
 
 def _machine(spec, device) -> Machine:
@@ -67,15 +93,23 @@ class OffloadHandle:
         self._tmp_cleanup = None
         self._base_class = None
         self._active = False
+        # Calls are serialised: two threads running one pipeline's hooks at once would move the same
+        # weights both ways and leave garbage in them.
+        self._call_lock = threading.Lock()
+        self._caller = None  # the thread inside a call, if any
 
-    def _temporary_folder(self):
+    def _temporary_folder(self, component: str):
         import shutil
         import tempfile
-        import weakref
         from pathlib import Path
 
+        from .disk_store import unwritable
+
         if self._tmp is None:
-            self._tmp = Path(tempfile.mkdtemp(prefix="offloadkit-disk-"))
+            try:
+                self._tmp = Path(tempfile.mkdtemp(prefix="offloadkit-disk-"))
+            except OSError as exc:
+                raise unwritable(component, Path(tempfile.gettempdir()), exc) from None
             # deleted on remove(), or when the handle is garbage collected / the process exits
             self._tmp_cleanup = weakref.finalize(self, shutil.rmtree, self._tmp, ignore_errors=True)
         return self._tmp
@@ -136,13 +170,13 @@ class OffloadHandle:
         """Components whose weights live off the model (as meta tensors) while the policy is applied."""
         return [c.name for c in self.plan.components if c.name in self._weights]
 
-    def disk_folder(self, requested: str | None):
+    def disk_folder(self, requested: str | None, component: str):
         """The policy's folder for disk-tier files, or one temporary folder per handle (deleted with it)."""
         from pathlib import Path
 
         if requested is not None:
             return Path(requested).expanduser()
-        return self._temporary_folder()
+        return self._temporary_folder(component)
 
     def place(self, name, module) -> None:
         """Put a component on the execution device for good (traced as an onload when it came from elsewhere)."""
@@ -160,6 +194,7 @@ class OffloadHandle:
     def install(self) -> None:
         """Install the plan on the pipeline (what `offloadkit.apply` does after its checks)."""
         pipe = self.pipe
+        self._claim_components()
         # diffusers' own model offload is replaced, as enable_model_cpu_offload itself would do,
         # and given back by remove().
         if getattr(pipe, "_all_hooks", None):
@@ -183,7 +218,21 @@ class OffloadHandle:
         pipe.__class__ = offloaded_class(self._base_class)
         setattr(pipe, HANDLE_ATTR, self)
         self._active = True
+        for name in self._managed_names():
+            _OWNERS[pipe.components[name]] = self
         empty_cache(self.device)
+
+    def _managed_names(self) -> list[str]:
+        components = self.pipe.components
+        return [c.name for c in self.plan.components if c.rule.managed and components.get(c.name) is not None]
+
+    def _claim_components(self) -> None:
+        refuse_shared_components(self.pipe, self.plan)
+
+    def _release_components(self) -> None:
+        for module in list(_OWNERS.keys()):
+            if _OWNERS.get(module) is self:
+                del _OWNERS[module]
 
     def _save_devices(self) -> None:
         components = self.pipe.components
@@ -239,8 +288,18 @@ class OffloadHandle:
         """
         if not self._active:
             return
+        if self._caller == threading.get_ident():
+            raise PipelineError("remove() was called from inside a call of the pipeline it would change (a "
+                                "callback?). Remove the policy after the call returns")
+        with self._call_lock:  # a call running in another thread finishes first
+            self._remove()
+        if self._diffusers_offload_device is not None:
+            self.pipe.enable_model_cpu_offload(device=self._diffusers_offload_device)
+
+    def _remove(self) -> None:
         pipe = self.pipe
         self._active = False
+        self._release_components()
         try:
             self._remove_hooks()
             self._restore_devices()
@@ -251,8 +310,6 @@ class OffloadHandle:
             if self._tmp_cleanup is not None:
                 self._tmp_cleanup()
             empty_cache(self.device)
-        if self._diffusers_offload_device is not None:
-            pipe.enable_model_cpu_offload(device=self._diffusers_offload_device)
 
     @property
     def active(self) -> bool:
@@ -269,6 +326,25 @@ class OffloadHandle:
         self._install_hooks()
 
     # --- per call -----------------------------------------------------------------------------
+
+    @contextmanager
+    def serialised_call(self):
+        """One call at a time: a call from another thread waits for the running one to end.
+
+        A call from inside a running call on the same thread (a callback calling the pipeline) is refused:
+        it would offload the models the outer call is using.
+        """
+        me = threading.get_ident()
+        if self._caller == me:
+            raise PipelineError("the pipeline was called from inside its own call (a callback calling it?); under "
+                                "an offloadkit policy the inner call would offload the models the outer one is "
+                                "using. Call it after the outer call returns")
+        with self._call_lock:
+            self._caller = me
+            try:
+                yield
+            finally:
+                self._caller = None
 
     def begin_call(self) -> None:
         """The policy's start of a call (the pipeline subclass calls it before the pipeline's own `__call__`)."""

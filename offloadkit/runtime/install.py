@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..errors import PipelineError
 from ..plans.plan import Plan
-from .handle import OffloadHandle, resolved
+from .handle import OffloadHandle, refuse_shared_components, resolved
 from .pipeline_class import HANDLE_ATTR
 
 
@@ -46,6 +46,7 @@ def apply(pipe, policy, *, device=None) -> "OffloadHandle":
         print(handle.trace.summary())
     """
     policy, target, the_plan = resolved(pipe, policy, device)
+    refuse_shared_components(pipe, the_plan)  # before the hook check: those hooks are another policy's
     _check_pipeline(pipe, the_plan)
     previous = getattr(pipe, HANDLE_ATTR, None)
     if previous is not None:

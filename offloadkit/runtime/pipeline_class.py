@@ -1,7 +1,8 @@
 """The subclass a pipeline's class becomes while a policy is applied.
 
 It routes the pipeline's own offload state to the `OffloadHandle`:
-- `__call__` runs the policy's end of call in a `finally` (also after an exception);
+- `__call__` runs one call at a time (other threads wait) and the policy's end of call in a
+  `finally` (also after an exception);
 - `_execution_device` is the policy's device;
 - diffusers' offload switches, `to(device)`, pickling, and weight-changing calls that would
   silently undo or lose the policy's work raise a clear error instead (or, in the exact
@@ -26,11 +27,12 @@ def offloaded_class(base):
 
     def __call__(self, *args, **kwargs):
         handle = self.__dict__[HANDLE_ATTR]
-        handle.begin_call()
-        try:
-            return base.__call__(self, *args, **kwargs)
-        finally:
-            handle.end_call()
+        with handle.serialised_call():
+            handle.begin_call()
+            try:
+                return base.__call__(self, *args, **kwargs)
+            finally:
+                handle.end_call()
 
     def _execution_device(self):
         handle = self.__dict__.get(HANDLE_ATTR)

@@ -3,6 +3,10 @@
 Resident bytes are counted from parameter and buffer sizes of the components
 offloadkit places (exact on any machine); on CUDA each call also records
 `torch.cuda.max_memory_allocated`, which includes activations.
+
+A pipeline served for days must not grow its trace without bound: the trace keeps
+the last `max_events` events and `max_calls` call summaries (a window), while the
+totals (`calls`, `total_events`, `bytes_moved()`) count everything since `apply`.
 """
 
 from __future__ import annotations
@@ -10,11 +14,16 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections import deque
 from dataclasses import asdict, dataclass, field
 
-from ..errors import BudgetExceededError, BudgetWarning
+from ..errors import BudgetExceededError, BudgetWarning, OffloadkitError
 from ..plans.stages import STAGES, stage_of
 from ..units import format_bytes
+
+# The window's default size: a few thousand calls of a typical chain, a few megabytes at most.
+MAX_EVENTS = 10_000
+MAX_CALLS = 1_000
 
 
 @dataclass(frozen=True)
@@ -62,8 +71,10 @@ class Trace:
         handle.trace.calls_summary()[-1].peak_resident_bytes
     """
 
-    events: list = field(default_factory=list)
+    events: deque = field(default_factory=lambda: deque(maxlen=MAX_EVENTS))
     calls: int = 0
+    total_events: int = 0  # every event since apply, also those the window no longer holds
+    total_bytes: int = 0
     started: float = field(default_factory=time.perf_counter)
     resident: dict = field(default_factory=dict)  # component -> bytes on the device now
     streaming: int = 0  # bytes of streamed components' pieces (layers, blocks, groups) on the device now
@@ -71,10 +82,11 @@ class Trace:
     budget_bytes: int | None = None
     on_exceed: str = "warn"
     stages: dict = field(default_factory=dict)  # component -> its stage (from the plan); else by its name
-    summaries: list = field(default_factory=list)
+    summaries: deque = field(default_factory=lambda: deque(maxlen=MAX_CALLS))
     _call_peak: int = 0
+    _call_bytes: int = 0
+    _call_seconds: float = 0.0
     _stage_peaks: dict = field(default_factory=dict)
-    _call_first_event: int = 0  # index of the current call's first event: end_call reads no older ones
     _call_streams: dict = field(default_factory=dict)
     # called with a stage when a hooked model of another stage than the last one starts (set by the handle)
     on_stage: object = field(default=None, repr=False, compare=False)
@@ -107,6 +119,10 @@ class Trace:
         stage = stage or self.stages.get(component) or stage_of(component)
         self.events.append(TraceEvent(self.calls, component, action, str(source), str(target), nbytes, seconds,
                                       time.perf_counter() - self.started, total, stage))
+        self.total_events += 1
+        self.total_bytes += nbytes
+        self._call_bytes += nbytes
+        self._call_seconds += seconds
         if onload:
             self._peak(stage, total + self.streaming)
             self._check_budget(component)
@@ -160,7 +176,7 @@ class Trace:
 
     def begin_call(self) -> None:
         self.calls += 1
-        self._call_first_event = len(self.events)
+        self._call_bytes, self._call_seconds = 0, 0.0
         self.streaming = 0  # a failed forward may have skipped its drop: each call counts afresh
         self._call_peak = self.resident_bytes
         self._stage_peaks = {}
@@ -168,11 +184,10 @@ class Trace:
         self._stage_now = None
 
     def end_call(self, device_peak_bytes: int | None = None) -> None:
-        events = self.events[self._call_first_event:]
         self.summaries.append(CallSummary(
             call=self.calls,
-            bytes_moved=sum(e.bytes for e in events),
-            seconds_moving=sum(e.seconds for e in events),
+            bytes_moved=self._call_bytes,
+            seconds_moving=self._call_seconds,
             peak_resident_bytes=self._call_peak,
             stage_peak_bytes=dict(self._stage_peaks),
             device_peak_bytes=device_peak_bytes,
@@ -180,7 +195,31 @@ class Trace:
         ))
 
     def calls_summary(self) -> list[CallSummary]:
+        """The summaries of the last `max_calls` calls, oldest first."""
         return list(self.summaries)
+
+    @property
+    def max_events(self) -> int:
+        """How many of the latest events the trace keeps (older ones leave the window; totals stay exact)."""
+        return self.events.maxlen
+
+    @max_events.setter
+    def max_events(self, value: int) -> None:
+        self.events = deque(self.events, maxlen=_window(value, "max_events"))
+
+    @property
+    def max_calls(self) -> int:
+        """How many of the latest call summaries the trace keeps."""
+        return self.summaries.maxlen
+
+    @max_calls.setter
+    def max_calls(self, value: int) -> None:
+        self.summaries = deque(self.summaries, maxlen=_window(value, "max_calls"))
+
+    @property
+    def dropped_events(self) -> int:
+        """Events recorded since apply that the window no longer holds."""
+        return self.total_events - len(self.events)
 
     # --- reading ----------------------------------------------------------------------------------
 
@@ -194,11 +233,14 @@ class Trace:
         return [e for e in self.events if e.call == call]
 
     def bytes_moved(self, call: int | None = None) -> int:
-        events = self.events if call is None else self.for_call(call)
-        return sum(e.bytes for e in events)
+        """All bytes moved since apply (exact, whatever the window), or those of one call in the window."""
+        if call is None:
+            return self.total_bytes
+        return sum(e.bytes for e in self.for_call(call))
 
     def to_json(self) -> str:
-        return json.dumps({"calls": self.calls, "events": [asdict(e) for e in self.events],
+        return json.dumps({"calls": self.calls, "total_events": self.total_events, "bytes_moved": self.total_bytes,
+                           "dropped_events": self.dropped_events, "events": [asdict(e) for e in self.events],
                            "per_call": [asdict(s) for s in self.summaries]}, indent=2)
 
     def summary(self) -> str:
@@ -207,7 +249,9 @@ class Trace:
         for e in self.events:
             lines.append(f"{e.call:>4}  {e.component:<16} {e.action:<8} {e.source:<8} {e.target:<8} "
                          f"{format_bytes(e.bytes):>10} {e.seconds * 1e3:>8.2f} {format_bytes(e.resident_bytes):>10}")
-        lines.append(f"{len(self.events)} moves, {format_bytes(self.bytes_moved())} in {self.calls} call(s)")
+        lines.append(f"{self.total_events} moves, {format_bytes(self.bytes_moved())} in {self.calls} call(s)"
+                     + (f" (the oldest {self.dropped_events} moves are no longer kept: `max_events` is "
+                        f"{self.max_events})" if self.dropped_events else ""))
         if self.summaries:
             lines.append("")
             lines.append(f"{'call':>4}  {'moved':>10} {'ms moving':>10} {'peak':>10} "
@@ -219,3 +263,10 @@ class Trace:
                 lines.append(f"{s.call:>4}  {format_bytes(s.bytes_moved):>10} {s.seconds_moving * 1e3:>10.2f} "
                              f"{format_bytes(s.peak_resident_bytes):>10} {stages} {device:>10}")
         return "\n".join(lines)
+
+
+def _window(value, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise OffloadkitError(f"trace.{name} is how many entries the trace keeps: a whole number of at least 1, "
+                              f"not {value!r}")
+    return value

@@ -16,7 +16,7 @@ from .registry import register_installer
 
 def install(handle, name, module, rule, previous):
     module.to("cpu")
-    weights = store(name, dict(module.state_dict()), handle.disk_folder(rule.folder))
+    weights = store(name, dict(module.state_dict()), handle.disk_folder(rule.folder, name))
     handle.keep_weights(name, weights)
     # The in-RAM tensors are dropped: parameters become meta tensors backed by the file.
     stream = stream_blocks if rule.granularity == "block" else stream_layers

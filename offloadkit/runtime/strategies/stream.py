@@ -321,7 +321,7 @@ def _to_disk(handle, name, packs, rule):
     """Write the streamed blocks' buffers to one aligned file; their host buffers become its memory map."""
     from ..disk_store import store
 
-    weights = store(name, {path: pack.host for path, pack in packs.items()}, handle.disk_folder(rule.folder))
+    weights = store(name, {path: pack.host for path, pack in packs.items()}, handle.disk_folder(rule.folder, name))
     for path, pack in packs.items():
         pack.host = weights[path]
     return weights
