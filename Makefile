@@ -12,19 +12,26 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_SPEC ?= torch==2.13.0
+# make demo installs offloadkit and what it runs on; make test adds the test extra (quantization
+# backends, peft, hypothesis, import-linter).
 STAMP := $(VENV)/.installed
+CORE_STAMP := $(VENV)/.installed-core
 
 .PHONY: install demo test clean
 
 install: $(STAMP)
 
-$(STAMP): pyproject.toml
+$(CORE_STAMP): pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	@$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q "$(TORCH_SPEC)"
+	$(BIN)/python -m pip install -q -e .
+	@touch $@
+
+$(STAMP): $(CORE_STAMP)
 	$(BIN)/python -m pip install -q -e ".[test]"
 	@touch $@
 
-demo: $(STAMP)
+demo: $(CORE_STAMP)
 	$(BIN)/offloadkit demo
 
 test: $(STAMP)

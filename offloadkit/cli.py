@@ -52,7 +52,7 @@ def _parser() -> argparse.ArgumentParser:
 
     validate = commands.add_parser("validate", help="check policy files (exit 0 valid, 1 invalid, 2 usage)")
     validate.add_argument("files", nargs="+", metavar="FILE", help="policy files or built-in names")
-    validate.add_argument("--pipeline", metavar="CLASS|MODEL",
+    validate.add_argument("--pipeline", metavar="CLASS|MODEL", type=_pipeline_argument,
                           help="also check component names against this diffusers pipeline class, built-in "
                                "architecture (sdxl, flux1-dev, ...) or model folder")
     validate.add_argument("--hardware", metavar="PROFILE",
@@ -62,7 +62,7 @@ def _parser() -> argparse.ArgumentParser:
 
     explain = commands.add_parser("explain", help="print the plan of a policy for a pipeline class (no weights)")
     explain.add_argument("policy", metavar="POLICY", help="policy file or built-in name")
-    explain.add_argument("--pipeline", metavar="CLASS|MODEL", required=True,
+    explain.add_argument("--pipeline", metavar="CLASS|MODEL", type=_pipeline_argument, required=True,
                          help="diffusers pipeline class name, or a built-in architecture or model folder (then "
                               "with sizes)")
     explain.add_argument("--device", help="override the policy's device (shown as given)")
@@ -74,7 +74,7 @@ def _parser() -> argparse.ArgumentParser:
     plan = commands.add_parser("plan", help="predict memory per stage, bytes moved and transfer time of a call, "
                                             "before loading anything")
     plan.add_argument("policy", metavar="POLICY", help="policy file or built-in name")
-    plan.add_argument("--pipeline", metavar="MODEL", required=True,
+    plan.add_argument("--pipeline", metavar="MODEL", required=True, type=_pipeline_argument,
                       help="built-in architecture (see `offloadkit list`) or model folder (model_index.json + configs)")
     plan.add_argument("--hardware", metavar="PROFILE", help="hardware profile file or built-in name (for times)")
     plan.add_argument("--device", help="override the policy's (and the profile's) device")
@@ -82,7 +82,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_call_arguments(plan)
 
     synth = commands.add_parser("synthesize", help="write the policy predicted fastest among those that fit")
-    synth.add_argument("--pipeline", metavar="MODEL", required=True,
+    synth.add_argument("--pipeline", metavar="MODEL", required=True, type=_pipeline_argument,
                        help="built-in architecture (see `offloadkit list`) or model folder")
     synth.add_argument("--hardware", metavar="PROFILE", help="hardware profile file or built-in name")
     synth.add_argument("--vram", metavar="SIZE", type=_size_argument,
@@ -134,6 +134,15 @@ def _add_call_arguments(parser) -> None:
                       help="device memory and host RAM kept free, e.g. 10%% or 2GiB (default: the hardware "
                            "profile's: 5%% of the device, 10%% of host RAM)")
     call.add_argument("--negative-prompt", action="store_true", help="a negative prompt is given")
+
+
+def _pipeline_argument(text: str) -> str:
+    # '' would be skipped as "no pipeline" by validate, and read as the current folder by the others
+    if not text.strip():
+        raise argparse.ArgumentTypeError("empty pipeline name. Give a diffusers pipeline class (e.g. "
+                                         "StableDiffusionXLPipeline), a built-in architecture (see `offloadkit "
+                                         "list`) or a model folder")
+    return text
 
 
 def _positive(text: str) -> int:

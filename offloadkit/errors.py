@@ -7,8 +7,46 @@ Messages follow one shape so people and tools can read them:
 from __future__ import annotations
 
 import difflib
+import re
+import reprlib
 from dataclasses import dataclass
 from typing import Iterable, Sequence
+
+# A message quotes at most this much of a value: a 200 KB string aliased 5,000 times must not print 1 GB.
+MAX_QUOTED = 60
+# Problems one error spells out; the rest are counted (all stay in `LocatedError.problems`).
+MAX_LISTED = 50
+# A last guard on one problem's line, whatever quoted it.
+MAX_MESSAGE = 2_000
+
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = _REPR.maxlong = MAX_QUOTED
+_REPR.maxlist = _REPR.maxtuple = _REPR.maxdict = _REPR.maxset = 4
+_REPR.maxlevel = 2
+
+
+def quoted(value) -> str:
+    """`repr(value)` for a message, shortened; never fails (not even on an int past Python's 4,300 digits)."""
+    if isinstance(value, str) and len(value) > MAX_QUOTED:
+        return f"{value[:MAX_QUOTED - 20]!r}... ({len(value):,} characters)"
+    try:
+        return _REPR.repr(value)
+    except ValueError:  # str() of an int past sys.get_int_max_str_digits()
+        if isinstance(value, int):
+            return f"an integer of about {int(value.bit_length() * 0.30103):,} digits"
+        return f"a {type(value).__name__}"
+
+
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_*-]+")
+# Characters that would break a problem's one line apart (or hide part of it) on a terminal.
+_UNPRINTABLE = re.compile("[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def one_line(text: str) -> str:
+    """The text with line breaks and other control characters written as escapes."""
+    if not _UNPRINTABLE.search(text):
+        return text
+    return _UNPRINTABLE.sub(lambda m: repr(m.group())[1:-1], text)
 
 
 class OffloadkitError(Exception):
@@ -27,15 +65,21 @@ class Problem:
 
     @property
     def dotted_path(self) -> str:
-        return ".".join(str(part) for part in self.path)
+        """`components.unet.strategy`; a part that is not a plain name is quoted (`components.'a\\nb'`)."""
+        return ".".join(str(part) if isinstance(part, int) or (isinstance(part, str) and _PLAIN_KEY.fullmatch(part))
+                        else quoted(part)
+                        for part in self.path)
 
     def __str__(self) -> str:
-        where = self.source
+        where = one_line(self.source)
         if self.line is not None:
             where += f":{self.line}:{self.column or 1}"
         if self.path:
             where += f" {self.dotted_path}"
-        return f"{where}: {self.message}"
+        message = one_line(self.message)
+        if len(message) > MAX_MESSAGE:
+            message = message[:MAX_MESSAGE] + "... (cut)"
+        return f"{where}: {message}"
 
 
 class LocatedError(OffloadkitError, ValueError):
@@ -50,7 +94,11 @@ class LocatedError(OffloadkitError, ValueError):
         elif isinstance(problems, Problem):
             problems = [problems]
         self.problems: tuple[Problem, ...] = tuple(problems)
-        super().__init__("\n".join(str(p) for p in self.problems))
+        lines = [str(p) for p in self.problems[:MAX_LISTED]]
+        if len(self.problems) > MAX_LISTED:
+            lines.append(f"... and {len(self.problems) - MAX_LISTED:,} more problems. Fix these and check again "
+                         "to see the rest")
+        super().__init__("\n".join(lines))
 
 
 class PolicyError(LocatedError):
@@ -103,6 +151,8 @@ class DeviceError(OffloadkitError, RuntimeError):
 def closest(name: str, choices: Iterable[str]) -> str | None:
     """The choice most similar to `name`, or None when nothing is close."""
     choices = [str(c) for c in choices]
+    if len(str(name)) > 100:  # no name is that long; difflib would take seconds on a 200 KB one
+        return None
     matches = difflib.get_close_matches(str(name), choices, n=1, cutoff=0.6)
     if matches:
         return matches[0]

@@ -583,6 +583,13 @@ def _qwen_tokenizer():
     return Qwen2Tokenizer.from_pretrained(folder, local_files_only=True)
 
 
+def _qwen_vl_token_ids(tokenizer) -> dict:
+    """The special-token ids a Qwen-VL config asks for, mapped onto the byte-level tokenizer's few specials."""
+    return {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
+        ("image_token_id", "<|endoftext|>"), ("video_token_id", "<|endoftext|>"),
+        ("vision_start_token_id", "<|im_start|>"), ("vision_end_token_id", "<|im_end|>"))}
+
+
 def tiny_qwen_image_pipeline(*, seed: int = 0):
     """A tiny ``QwenImagePipeline``: a 2-layer Qwen2.5-VL text encoder, a 2-block transformer, Wan-style VAE."""
     from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImagePipeline, \
@@ -590,9 +597,7 @@ def tiny_qwen_image_pipeline(*, seed: int = 0):
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     tokenizer = _qwen_tokenizer()
-    ids = {name: tokenizer.convert_tokens_to_ids(token) for name, token in (
-        ("image_token_id", "<|endoftext|>"), ("video_token_id", "<|endoftext|>"),
-        ("vision_start_token_id", "<|im_start|>"), ("vision_end_token_id", "<|im_end|>"))}
+    ids = _qwen_vl_token_ids(tokenizer)
     config = Qwen2_5_VLConfig(
         text_config={"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 48,
                      "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -685,3 +690,12 @@ def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
             (1, 3, _IMAGE_SIZE, _IMAGE_SIZE), generator=control_generator
         )
     return kwargs
+
+
+# The builders of other families live in their own modules (they use the tokenizer and model helpers
+# above, so they are imported last).
+from . import tiny_exotic, tiny_multistage  # noqa: E402
+from .tiny_exotic import *  # noqa: E402,F401,F403  (models that read weights outside forward)
+from .tiny_multistage import *  # noqa: E402,F401,F403  (priors, combined pipelines, AudioLDM2)
+
+__all__ += [*tiny_exotic.__all__, *tiny_multistage.__all__]

@@ -21,7 +21,7 @@ from typing import Annotated
 
 from pydantic import AfterValidator, BeforeValidator, WithJsonSchema
 
-from .errors import DtypeError
+from .errors import DtypeError, quoted
 
 # --- byte sizes ----------------------------------------------------------------------------------
 
@@ -33,18 +33,24 @@ BYTES_PATTERN = r"^\s*[0-9]+(\.[0-9]+)?\s*([kKmMgGtT]i?[bB]|[bB])?\s*$"
 def parse_bytes(value) -> int:
     """`8GiB`, `7.5 GB`, `512MiB` or a plain positive integer number of bytes (a bool is refused)."""
     if isinstance(value, bool):
-        raise ValueError(f"expected a size such as '8GiB', not {value!r}")
+        raise ValueError(f"expected a size such as '8GiB', not {quoted(value)}. Write a number of bytes or a "
+                         "number with a unit, e.g. '8GiB', '7.5GB' or '512MiB'")
     if isinstance(value, int):
         if value <= 0:
-            raise ValueError(f"a size must be positive, not {value!r}")
+            raise ValueError(f"a size must be positive, not {quoted(value)}. Write a number of bytes above 0 or a "
+                             "size such as '8GiB'")
         return value
     match = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*([a-zA-Z]*)\s*$", str(value))
     unit = match.group(2).lower() if match else None
     if not match or unit not in _SIZE_UNITS:
-        raise ValueError(f"cannot read {value!r} as a size. Write e.g. '8GiB', '7.5GB' or '512MiB'")
-    size = int(float(match.group(1)) * _SIZE_UNITS[unit])
+        raise ValueError(f"cannot read {quoted(value)} as a size. Write e.g. '8GiB', '7.5GB' or '512MiB'")
+    number = float(match.group(1)) * _SIZE_UNITS[unit]
+    if not math.isfinite(number):  # 310 digits are past a float's range
+        raise ValueError(f"size {quoted(value)} is too large to be a size. Write e.g. '8GiB', '7.5GB' or '512MiB'")
+    size = int(number)
     if size <= 0:
-        raise ValueError(f"a size must be positive, not {value!r}")
+        raise ValueError(f"a size must be positive, not {quoted(value)}. Write a size above 0 bytes, such as "
+                         "'8GiB'")
     return size
 
 
@@ -85,7 +91,8 @@ _PREFIXES = {"": 1, "k": 10**3, "m": 10**6, "g": 10**9, "t": 10**12, "p": 10**15
 def _split_number(value, pattern: str, what: str, example: str) -> tuple[float, str] | None:
     """(number, unit) of a positive quantity; None when text does not match `pattern` (the caller says why)."""
     if isinstance(value, bool):
-        raise ValueError(f"expected {what} such as {example!r}, not {value!r}")
+        raise ValueError(f"expected {what} such as {example!r}, not {quoted(value)}. Write one such as "
+                         f"{example!r}")
     if isinstance(value, (int, float)):
         number, unit = float(value), ""
     else:
@@ -95,7 +102,8 @@ def _split_number(value, pattern: str, what: str, example: str) -> tuple[float, 
         match = re.match(rf"^\s*({_NUMBER})\s*(\S*)\s*$", text)
         number, unit = float(match.group(1)), match.group(2)
     if not math.isfinite(number) or number <= 0:
-        raise ValueError(f"{what} must be a finite positive number, not {value!r}")
+        raise ValueError(f"{what} must be a finite positive number, not {quoted(value)}. Write one such as "
+                         f"{example!r}")
     return number, unit
 
 
@@ -107,9 +115,9 @@ def parse_bandwidth(value) -> int:
     split = _split_number(value, BANDWIDTH_PATTERN, "a bandwidth", "25GB/s")
     if split is None:
         if re.search(r"[0-9\s]([kKmMgGtT]i?)?(b/s|bps|bit/s)\s*$", str(value)):
-            raise ValueError(f"{value!r} looks like bits per second. Write bytes per second with a capital B, "
+            raise ValueError(f"{quoted(value)} looks like bits per second. Write bytes per second with a capital B, "
                              "e.g. '25GB/s' (1 GB/s = 8 Gb/s)")
-        raise ValueError(f"cannot read {value!r} as a bandwidth. Write bytes per second, e.g. '25GB/s', "
+        raise ValueError(f"cannot read {quoted(value)} as a bandwidth. Write bytes per second, e.g. '25GB/s', "
                          "'12.5GiB/s', '800MB/s' or a plain number")
     number, unit = split
     if isinstance(value, int):
@@ -125,7 +133,7 @@ def parse_compute(value) -> int:
     """
     split = _split_number(value, COMPUTE_PATTERN, "a compute throughput", "82TFLOPS")
     if split is None:
-        raise ValueError(f"cannot read {value!r} as a compute throughput. Write FLOP per second, e.g. "
+        raise ValueError(f"cannot read {quoted(value)} as a compute throughput. Write FLOP per second, e.g. "
                          "'82TFLOPS', '82 TFLOP/s', '950GFLOPS' or a plain number")
     number, unit = split
     if isinstance(value, int):
@@ -156,12 +164,12 @@ def parse_share(value) -> tuple[str, float]:
     if isinstance(value, str) and value.strip().endswith("%"):
         match = re.match(r"^\s*([0-9]+(?:\.[0-9]+)?)\s*%\s*$", value)
         if not match or float(match.group(1)) > 100:
-            raise ValueError(f"cannot read {value!r} as a percentage. Write e.g. '40%' (0 to 100)")
+            raise ValueError(f"cannot read {quoted(value)} as a percentage. Write e.g. '40%' (0 to 100)")
         return "fraction", float(match.group(1)) / 100
     try:
         return "bytes", parse_bytes(value)
     except ValueError:
-        raise ValueError(f"cannot read {value!r} as a size or a percentage. Write e.g. '6GiB' or '40%'") from None
+        raise ValueError(f"cannot read {quoted(value)} as a size or a percentage. Write e.g. '6GiB' or '40%'") from None
 
 
 def share_bytes(value, whole: int) -> int:
@@ -179,11 +187,12 @@ def _auto_or_share(value):
     if value == "auto":
         return value
     if isinstance(value, bool):
-        raise ValueError(f"expected `auto`, a size such as '8GiB' or a percentage such as '40%', not {value!r}")
+        raise ValueError(f"expected `auto`, a size such as '8GiB' or a percentage such as '40%', not "
+                         f"{quoted(value)}. Write one of those")
     try:
         return _checked_share(value)
     except ValueError:
-        raise ValueError(f"cannot read {value!r}. Write `auto`, a size such as '8GiB' or a percentage such as "
+        raise ValueError(f"cannot read {quoted(value)}. Write `auto`, a size such as '8GiB' or a percentage such as "
                          "'40%'") from None
 
 

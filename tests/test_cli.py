@@ -148,6 +148,7 @@ def test_explain_works_for_every_diffusers_pipeline_with_an_offload_sequence():
     import diffusers
 
     from offloadkit.policy.loading import load
+    from offloadkit.plans.diffusers_offload import overrides_switch
     from offloadkit.plans.pipeline_spec import spec_from_class
     from offloadkit.plans.resolve import resolve
 
@@ -161,7 +162,8 @@ def test_explain_works_for_every_diffusers_pipeline_with_an_offload_sequence():
             seq = getattr(cls, "model_cpu_offload_seq", None)
         except ImportError:  # needs an optional package that is not installed
             continue
-        if not isinstance(cls, type) or not isinstance(seq, str):
+        # classes with their own switch follow it instead (tests/test_diffusers_overrides.py)
+        if not isinstance(cls, type) or not isinstance(seq, str) or overrides_switch(cls):
             continue
         spec = spec_from_class(cls)
         plan = resolve(policy, spec, "cuda:0")
@@ -347,3 +349,55 @@ def test_plan_prints_every_limit_and_json_carries_them(capsys):
     assert main(["plan", "diffusers-default", "--pipeline", "sdxl", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["limits"] == [] and data["fits"] is None
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"version: 1\ndescription: 2024-13-01\n", ":2:14: '2024-13-01' is not a valid date"),
+    (b"version: 1\nname: !!bool maybe\n", ":2:7: 'maybe' is not true or false"),
+    (b"version: " + b"9" * 4301 + b"\n", ":1:10: number '999"),
+    (b"version: 1\nname: " + b"[" * 493 + b"]" * 493 + b"\n", "nested deeper than 32 levels"),
+    (b"version: 1\nbudget: {device_memory: '" + b"1" * 310 + b"'}\n", "budget.device_memory: size '111"),
+    (b"version: 1\nname: \xff\n", ":2:7: file is not UTF-8 text"),
+])
+def test_validate_locates_what_pyyaml_and_python_cannot_read(tmp_path, capsys, content, needle):
+    path = tmp_path / "odd.yaml"
+    path.write_bytes(content)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{path}:") and needle in err, err
+    assert "error: unexpected" not in err and "Traceback" not in err
+
+
+def test_validate_bounds_its_output(tmp_path, capsys):
+    path = tmp_path / "aliases.yaml"
+    path.write_text("version: 1\nname: &s '" + "x" * 200_000 + "'\nexclude:\n" + "  - *s\n" * 5000)
+    assert main(["validate", str(path)]) == 1
+    err = capsys.readouterr().err
+    assert len(err) < 50_000 and err.count("\n") == 51
+    assert err.rstrip().endswith("... and 4,949 more problems. Fix these and check again to see the rest")
+
+
+def test_empty_pipeline_name_is_a_usage_error(capsys):
+    for command in (["validate", "diffusers-default"], ["explain", "diffusers-default"]):
+        with pytest.raises(SystemExit) as info:
+            main(command + ["--pipeline", ""])
+        assert info.value.code == 2
+        assert "--pipeline: empty pipeline name. Give a diffusers pipeline class" in capsys.readouterr().err
+
+
+def test_validate_names_the_file_when_a_builtin_parent_does_not_fit(tmp_path, capsys):
+    path = tmp_path / "child.yaml"
+    path.write_text("version: 1\nextends: controlnet-resident\n")
+    assert main(["validate", str(path), "--pipeline", "StableDiffusionXLPipeline"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("<builtin:controlnet-resident>:") and "has no component 'controlnet'" in err
+    assert f"inherited through `extends` at {path}:2:10; override it in {path}" in err
+
+
+def test_validate_a_cycle_points_into_the_file_given(tmp_path, capsys):
+    (tmp_path / "cycle-a.yaml").write_text("version: 1\nextends: cycle-b.yaml\n")
+    (tmp_path / "cycle-b.yaml").write_text("version: 1\nextends: cycle-a.yaml\n")
+    assert main(["validate", str(tmp_path / "cycle-a.yaml")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith(f"{tmp_path / 'cycle-a.yaml'}:2:10 extends: `extends` makes a cycle")
+    assert "cycle-b.yaml:2:10 extends:" in err

@@ -48,7 +48,7 @@ def test_mixed_policy_encoders_model_unet_group_vae_resident():
 @pytest.mark.parametrize("rule", [
     {"strategy": "group", "offload_type": "leaf_level"},
     {"strategy": "group", "offload_type": "block_level", "num_blocks_per_group": 2},
-    {"strategy": "group", "block_modules": ["text_model.encoder.layers"]},
+    {"strategy": "group", "block_modules": ["encoder"]},
 ])
 def test_group_options_keep_outputs(rule):
     pipe = tiny_pipeline("sd")
@@ -93,3 +93,55 @@ def test_remove_takes_group_offloading_off_every_model_including_nested_block_mo
     assert_same_images(run(pipe), reference)
     offloadkit.apply(pipe, "diffusers-default", device="cpu")  # a policy can be applied again
     assert_same_images(run(pipe), reference)
+
+
+def test_block_modules_group_a_clip_encoder_layer_by_layer():
+    """`[encoder]` makes CLIP's layers (text_encoder.encoder.layers) the groups; without it, one group."""
+    pipe = tiny_pipeline("sd")
+    reference = run(pipe)
+    rule = {"strategy": "group", "block_modules": ["encoder"]}
+    handle = offloadkit.apply(pipe, {"version": 1, "components": {"text_encoder": rule}}, device="cpu")
+    # one group a layer, plus one for the rest (embeddings, final norm)
+    assert _groups(pipe.text_encoder) == len(pipe.text_encoder.encoder.layers) + 1
+    assert_same_images(run(pipe), reference)
+    handle.remove()
+    offloadkit.apply(pipe, {"version": 1, "components": {"text_encoder": {"strategy": "group"}}}, device="cpu")
+    assert _groups(pipe.text_encoder) == 1
+    offloadkit.remove(pipe)
+    plan = offloadkit.plan(pipe, {"version": 1, "components": {"text_encoder": {"strategy": "group"}}}, device="cpu")
+    assert "finds no blocks in CLIPTextModel" in plan.component("text_encoder").reason
+    assert "`block_modules: [encoder]`" in plan.component("text_encoder").reason
+
+
+@pytest.mark.parametrize("block_modules, message", [
+    (["encoder.block"], "has a dot, but each entry names one child module at one level. "
+                        "Write the path as entries: `block_modules: [encoder]`"),
+    (["nonexistent"], "has no submodule 'nonexistent' where `block_modules` looks"),
+    ([], "finds no blocks in T5EncoderModel"),
+    (["encoder", "block"], "entry 'block' is itself a list of blocks"),
+])
+def test_block_modules_that_match_nothing_are_located_errors(tmp_path, block_modules, message):
+    from offloadkit.testing import tiny_sd3_pipeline
+
+    pipe = tiny_sd3_pipeline(with_t5=True)
+    policy = tmp_path / "p.yaml"
+    policy.write_text("version: 1\ncomponents:\n  text_encoder_3:\n    strategy: group\n"
+                      f"    block_modules: [{', '.join(block_modules)}]\n")
+    with pytest.raises(PolicyError) as caught:
+        offloadkit.apply(pipe, str(policy), device="cpu")
+    text = str(caught.value)
+    assert "p.yaml:5:" in text and message.replace("one level. ", "one level (diffusers matches names, not paths). ") in text
+    assert not group_enabled(pipe.text_encoder_3)
+
+
+def _groups(module):
+    from diffusers.hooks import HookRegistry
+    from diffusers.hooks.group_offloading import _GROUP_OFFLOADING
+
+    found = set()
+    for sub in module.modules():
+        registry = getattr(sub, "_diffusers_hook", None)
+        hook = registry.get_hook(_GROUP_OFFLOADING) if isinstance(registry, HookRegistry) else None
+        if hook is not None:
+            found.add(id(hook.group))
+    return len(found)

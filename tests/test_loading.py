@@ -1,5 +1,7 @@
 import os
 import re
+import time
+import tracemalloc
 from pathlib import Path
 
 import pytest
@@ -120,3 +122,141 @@ def test_loading_does_not_touch_the_file(tmp_path):
 def test_bad_source_type():
     with pytest.raises(PolicyError, match="cannot load a policy from int"):
         offloadkit.load(42)
+
+
+# --- issue 14: odd inputs give located problems that say what to do ------------------------------
+
+def located(error: PolicyError) -> list:
+    for problem in error.problems:
+        assert problem.line is not None and problem.column is not None, problem
+        assert "\n" not in str(problem)
+    return list(error.problems)
+
+
+def load_text(tmp_path, text, name="p.yaml"):
+    path = tmp_path / name
+    path.write_text(text) if isinstance(text, str) else path.write_bytes(text)
+    return offloadkit.load(str(path))
+
+
+@pytest.mark.parametrize("budget, needle", [
+    ("'" + "1" * 310 + "'", "(310 characters) is too large to be a size. Write e.g. '8GiB'"),
+    ("-5", "a size must be positive, not -5. Write a number of bytes above 0"),
+    ("0GiB", "a size must be positive, not '0GiB'. Write a size above 0"),
+    ("true", "expected a size such as '8GiB', not True. Write a number of bytes"),
+])
+def test_budget_sizes_say_what_is_wrong_and_what_to_do(tmp_path, budget, needle):
+    with pytest.raises(PolicyError) as info:
+        load_text(tmp_path, f"version: 1\nbudget: {{device_memory: {budget}}}\n")
+    (problem,) = located(info.value)
+    assert problem.dotted_path == "budget.device_memory" and needle in problem.message
+
+
+def test_a_bool_option_says_what_to_write(tmp_path):
+    with pytest.raises(PolicyError) as info:
+        load_text(tmp_path, "version: 1\ncomponents: {unet: {strategy: model, keep_on_device: x}}\n")
+    assert "must be true or false, not 'x'. Write `true` or `false`" in str(info.value)
+
+
+def test_a_name_with_a_newline_stays_on_one_line(tmp_path):
+    with pytest.raises(PolicyError) as info:
+        load_text(tmp_path, 'version: 1\ncomponents: {"a\\nb": {strategy: nope}}\n')
+    (problem,) = located(info.value)
+    assert str(problem).count("\n") == 0 and "components.'a\\nb': unknown strategy 'nope'" in str(problem)
+
+
+def test_an_aliased_long_string_gives_short_bounded_messages(tmp_path):
+    big = "x" * 200_000
+    text = "version: 1\nname: &s '" + big + "'\nexclude:\n" + "  - *s\n" * 5000
+    started = time.perf_counter()
+    with pytest.raises(PolicyError) as info:
+        load_text(tmp_path, text)
+    assert time.perf_counter() - started < 5
+    problems = located(info.value)
+    assert len(problems) == 4999 and all(len(p.message) < 200 for p in problems)
+    assert problems[0].path == ("exclude", 1) and problems[0].line == 5  # the alias, not the anchor on line 2
+    message = str(info.value)
+    assert len(message) < 50_000 and message.endswith("... and 4,949 more problems. Fix these and check again "
+                                                      "to see the rest")
+
+
+def test_many_problems_are_deduplicated_in_linear_time():
+    components = {f"c{i}": {"strategy": "nope"} for i in range(15_000)}
+    started = time.perf_counter()
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load({"version": 1, "components": components})
+    assert len(info.value.problems) == 15_000
+    assert time.perf_counter() - started < 8  # quadratic de-duplication took minutes here
+
+
+def test_an_oversized_file_is_refused_before_it_is_read(tmp_path):
+    path = tmp_path / "sparse.yaml"
+    with path.open("wb") as file:
+        file.truncate(64_000_000)  # sparse: no disk used
+    tracemalloc.start()
+    try:
+        with pytest.raises(PolicyError, match="file is 64,000,000 bytes long; files are limited to 1,000,000") \
+                as info:
+            offloadkit.load(str(path))
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8_000_000
+    assert located(info.value)[0].line == 1
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/zero") or not hasattr(os, "mkfifo"), reason="needs POSIX files")
+def test_extends_a_device_or_a_pipe_is_not_a_regular_file(tmp_path):
+    os.mkfifo(tmp_path / "fifo")
+    for target in ("/dev/zero", "fifo"):
+        with pytest.raises(PolicyError) as info:
+            load_text(tmp_path, f"version: 1\nextends: {target}\n")
+        (problem,) = located(info.value)
+        assert f"'{target}' is not a regular file" in problem.message and (problem.line, problem.column) == (2, 10)
+    with pytest.raises(PolicyError, match="is not a regular file"):
+        offloadkit.load(str(tmp_path / "fifo"))
+
+
+def test_a_cycle_is_located_in_the_file_asked_about_too(tmp_path):
+    (tmp_path / "cycle-a.yaml").write_text("version: 1\nextends: cycle-b.yaml\n")
+    (tmp_path / "cycle-b.yaml").write_text("version: 1\n\nextends: cycle-a.yaml\n")
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load(str(tmp_path / "cycle-a.yaml"))
+    problems = located(info.value)
+    assert [(Path(p.source).name, p.line) for p in problems] == [("cycle-a.yaml", 2), ("cycle-b.yaml", 3)]
+    assert all("makes a cycle (cycle-a.yaml -> cycle-b.yaml -> cycle-a.yaml)" in p.message for p in problems)
+
+
+def test_the_extends_chain_is_limited(tmp_path):
+    from offloadkit.policy.schema import MAX_EXTENDS
+
+    for i in range(1000):
+        (tmp_path / f"p{i}.yaml").write_text(f"version: 1\nextends: p{i + 1}.yaml\n")
+    (tmp_path / "p1000.yaml").write_text("version: 1\n")
+    with pytest.raises(PolicyError, match=f"`extends` chain is longer than {MAX_EXTENDS} files") as info:
+        offloadkit.load(str(tmp_path / "p0.yaml"))
+    problems = located(info.value)
+    assert [Path(p.source).name for p in problems] == ["p0.yaml", f"p{MAX_EXTENDS}.yaml"]
+    # a chain of MAX_EXTENDS parents is fine
+    assert offloadkit.load(str(tmp_path / f"p{1000 - MAX_EXTENDS}.yaml")).version == 1
+
+
+def test_problems_in_a_builtin_parent_name_the_file_asked_about(tmp_path):
+    from offloadkit.policy.loading import located_problem
+
+    path = tmp_path / "child.yaml"
+    path.write_text("version: 1\nextends: controlnet-resident\n")
+    policy = offloadkit.load(str(path))
+    problem = located_problem(policy, ("components", "controlnet"), "no such component. Remove it")
+    assert problem.source == "<builtin:controlnet-resident>" and problem.line is not None
+    assert f"(inherited through `extends` at {path}:2:10; override it in {path})" in problem.message
+
+
+def test_problems_in_a_parent_file_name_the_file_asked_about(tmp_path):
+    (tmp_path / "base.yaml").write_text("version: 1\nname: !!int x\n")
+    (tmp_path / "child.yaml").write_text("version: 1\nextends: base.yaml\n")
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load(str(tmp_path / "child.yaml"))
+    (problem,) = located(info.value)
+    assert problem.source.endswith("base.yaml") and (problem.line, problem.column) == (2, 7)
+    assert f"inherited through `extends` at {tmp_path / 'child.yaml'}:2:10" in problem.message

@@ -13,6 +13,7 @@ from ..policy.rules import ModelRule, ResidentRule, SkipRule, StrategyRule
 from ..tensor_bytes import module_bytes, planned_sizes
 from . import precision
 from .library_gates import limit_for
+from .module_paths import block_modules_problem
 
 WILDCARD = "*"  # `components: {"*": {...}}` is the rule for every model without one of its own
 
@@ -73,7 +74,12 @@ def _checked(policy, name, component, rule, reason, path, auto, problems):
     backend = _backend(component, rule)
     limit = limit_for(backend, rule)
     if limit is None:
-        return rule, reason, path
+        problem, note = block_modules_problem(name, component.module, rule)
+        if problem:
+            own_key = path[0] == "components" and "block_modules" in rule.model_fields_set
+            problems.append(located_problem(policy, path + ("block_modules",) if own_key else path, problem))
+            return None
+        return rule, f"{reason} ({note})" if note else reason, path
     label = _label(component)
     if not auto:
         problems.append(located_problem(policy, path, _refusal(f"{name!r} is {label} and", limit)))
@@ -125,6 +131,14 @@ def plan_precision(name, component, rule, sizes, policy, path, from_instance, de
     if key == "storage_dtype":
         effective = "layerwise_casting"
         subject = f"`storage_dtype` would store {name!r} with layerwise casting, which"
+        config = getattr(component.module, "config", None) or {}
+        half = "float16" in (rule.compute_dtype, component.dtype)
+        if hasattr(config, "get") and config.get("force_upcast") and half:
+            return rule, located_problem(policy, where, f"{name!r} is a VAE with `force_upcast` in a float16 pipeline: the "
+                                   "pipeline casts it to float32 for the decode, which undoes layerwise casting, and "
+                                   "without that cast the float16 latents do not match a float32 compute dtype. "
+                                   "Leave `storage_dtype` off this VAE (it is small), or load a VAE that does not "
+                                   "need the upcast (`force_upcast: false`)", key=where != path)
         if rule.compute_dtype and component.dtype and not own and rule.compute_dtype != component.dtype:
             # The pipeline feeds a component inputs in its weights' dtype; layers cast up to another dtype
             # would meet them in the first matmul ("mat1 and mat2 must have the same dtype").
@@ -135,14 +149,6 @@ def plan_precision(name, component, rule, sizes, policy, path, from_instance, de
                 f"call would fail on mismatched dtypes. Remove `compute_dtype` (it defaults to the component's "
                 f"dtype), or load the pipeline in {rule.compute_dtype} (torch_dtype=torch.{rule.compute_dtype})",
                 key=where != path)
-        config = getattr(component.module, "config", None) or {}
-        half = "float16" in (rule.compute_dtype, component.dtype)
-        if hasattr(config, "get") and config.get("force_upcast") and half:
-            return rule, located_problem(policy, where, f"{name!r} is a VAE with `force_upcast` in a float16 pipeline: the "
-                                   "pipeline casts it to float32 for the decode, which undoes layerwise casting, and "
-                                   "without that cast the float16 latents do not match a float32 compute dtype. "
-                                   "Leave `storage_dtype` off this VAE (it is small), or load a VAE that does not "
-                                   "need the upcast (`force_upcast: false`)", key=where != path)
     else:
         choice = rule.quantize_with
         chosen, why = precision.quantize_backend(choice, type(rule), installed=from_instance,

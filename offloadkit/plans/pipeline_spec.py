@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from ..errors import PipelineError, did_you_mean
 from ..tensor_bytes import module_bytes
 from ..units import torch_dtype_name
+from .diffusers_offload import derive
 from .quantization import detect
 from .stages import stage_of
 
@@ -44,9 +45,12 @@ class ComponentSpec:
 class PipelineSpec:
     class_name: str
     components: tuple[ComponentSpec, ...]
-    offload_seq: tuple[str, ...] | None
-    exclude: tuple[str, ...]
+    offload_seq: tuple[str, ...] | None  # the components diffusers' switch chains, in hook order; None: it refuses
+    exclude: tuple[str, ...]  # what it moves to the device unhooked (exclusions outside the sequence)
     from_instance: bool
+    # its hook chains when they are not one chain over `offload_seq` (combined pipelines: one per sub-pipeline;
+    # AudioLDM2: submodule links such as `text_encoder.text_model`); empty otherwise
+    offload_chains: tuple[tuple[str, ...], ...] = ()
 
     def get(self, name: str) -> ComponentSpec | None:
         for component in self.components:
@@ -59,11 +63,16 @@ class PipelineSpec:
         return tuple(c.name for c in self.components if c.is_model)
 
 
-def _offload_attrs(cls) -> tuple[tuple[str, ...] | None, tuple[str, ...]]:
-    seq = getattr(cls, "model_cpu_offload_seq", None)
-    seq_names = tuple(n for n in seq.split("->") if n) if isinstance(seq, str) else None
-    exclude = tuple(getattr(cls, "_exclude_from_cpu_offload", ()) or ())
-    return seq_names, exclude
+def _offload_attrs(cls) -> tuple[tuple[str, ...] | None, tuple[str, ...], tuple[tuple[str, ...], ...]]:
+    """(sequence, exclusions, chains) as the class's own `enable_model_cpu_offload` hooks (`diffusers_offload`)."""
+    try:
+        order = derive(cls)
+    except PipelineError:  # an override offloadkit cannot read: like a class with no sequence
+        order = None
+    if order is None:
+        return None, tuple(getattr(cls, "_exclude_from_cpu_offload", ()) or ()), ()
+    chains = order.chains if order.chains != (order.sequence,) else ()
+    return order.sequence, order.exclude, chains
 
 
 def main_dtype(module) -> str | None:
@@ -81,7 +90,7 @@ def spec_from_pipeline(pipe) -> PipelineSpec:
 
     cls = type(pipe)
     base = getattr(pipe, "_offloadkit_base_class", cls)
-    seq, exclude = _offload_attrs(base)
+    seq, exclude, chains = _offload_attrs(base)
     declared = None
     components = []
     for name, value in pipe.components.items():
@@ -103,7 +112,7 @@ def spec_from_pipeline(pipe) -> PipelineSpec:
             bytes=module_bytes(value) if value is not None and is_model else None,
             module=value if is_model else None,
         ))
-    return PipelineSpec(base.__name__, tuple(components), seq, exclude, from_instance=True)
+    return PipelineSpec(base.__name__, tuple(components), seq, exclude, from_instance=True, offload_chains=chains)
 
 
 def resolve_pipeline_class(name: str):
@@ -130,7 +139,7 @@ def spec_from_class(cls) -> PipelineSpec:
 
     if isinstance(cls, str):
         cls = resolve_pipeline_class(cls)
-    seq, exclude = _offload_attrs(cls)
+    seq, exclude, chains = _offload_attrs(cls)
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:  # unresolvable annotations: fall back to the raw ones
@@ -148,7 +157,7 @@ def spec_from_class(cls) -> PipelineSpec:
         names = dict.fromkeys(c.__name__ for c in classes if c is not type(None))
         type_name = " | ".join(names) or "unknown"
         components.append(ComponentSpec(name=name, type_name=type_name, is_model=is_model))
-    return PipelineSpec(cls.__name__, tuple(components), seq, exclude, from_instance=False)
+    return PipelineSpec(cls.__name__, tuple(components), seq, exclude, from_instance=False, offload_chains=chains)
 
 
 def _classes_in(annotation) -> tuple:

@@ -62,6 +62,10 @@ class Plan:
     device: Device
     sequence: tuple[str, ...]
     components: tuple[ComponentPlan, ...]
+    # The hook chains when they are not one chain over `sequence`, as the pipeline's own switch makes them:
+    # a combined pipeline's one per sub-pipeline (a chain's first model offloads the chains before it), or
+    # links that are a component's submodule (`text_encoder.text_model`, AudioLDM2). Empty: one chain.
+    chains: tuple[tuple[str, ...], ...] = ()
 
     def component(self, name: str) -> ComponentPlan:
         """The plan of one component; `UnknownComponentError` (a `KeyError` too) for a name it does not have."""
@@ -86,11 +90,12 @@ class Plan:
             "device": str(self.device),
             "sequence": list(self.sequence),
             "components": [c.to_dict() for c in self.components],
+            **({"chains": [list(c) for c in self.chains]} if self.chains else {}),
         }
 
     def __str__(self) -> str:
         header = f"{self.pipeline} under policy {self.policy!r} on {self.device}"
-        chain = " -> ".join(self.sequence) if self.sequence else "(none)"
+        chain = " | ".join(" -> ".join(c) for c in self.chains or (self.sequence,)) if self.sequence else "(none)"
         columns = ("component", "class", "strategy", "between uses", "runs on", "offloaded by", "weights", "size",
                    "why")
         rows = [columns]

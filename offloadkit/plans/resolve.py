@@ -8,7 +8,7 @@ from __future__ import annotations
 from ..device import Device
 from ..errors import PolicyError, did_you_mean
 from ..policy.loading import located_problem
-from ..policy.rules import HOME_DEVICE
+from ..policy.rules import HOME_DEVICE, ModelRule
 from ..policy.schema import Policy
 from .component_rules import WILDCARD, choose_rule, plan_precision, weights_label
 from ..tensor_bytes import planned_sizes
@@ -58,7 +58,9 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
 
     # Strategy per model component, with the reason shown in the plan.
     if policy.exclude == "auto":
-        excluded = {n for n in spec.exclude if n in models}
+        # as diffusers: an exclusion applies only outside the sequence (the Kandinsky priors chain `prior`)
+        named = set(policy.sequence) if policy.sequence != "auto" else set()
+        excluded = {n for n in spec.exclude if n in models and n not in named}
         exclude_reason = "pipeline's _exclude_from_cpu_offload"
     else:
         excluded = set(policy.exclude)
@@ -93,14 +95,18 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
             if needs_chain:
                 raise PolicyError(located_problem(
                     policy, ("sequence",),
-                    f"{spec.class_name} declares no model_cpu_offload_seq, so `sequence: auto` has nothing to "
+                    f"{spec.class_name} declares no model_cpu_offload_seq and no enable_model_cpu_offload of "
+                    f"its own that offloadkit can read (diffusers' switch refuses such a class too), so "
+                    f"`sequence: auto` has nothing to "
                     f"follow. Write `sequence:` as a list of its models in call order (models: "
                     f"{', '.join(spec.model_names)})"))
             candidates = []
         else:
             candidates = list(dict.fromkeys(spec.offload_seq))
         sequence = [n for n in candidates if n in models and rules[n].chained]
+        chains = _chains(spec.offload_chains, sequence, rules)
     else:
+        chains = ()
         sequence = list(policy.sequence)
         for i, name in enumerate(sequence):
             if not rules[name].chained:
@@ -179,7 +185,30 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
         device=device,
         sequence=tuple(sequence),
         components=tuple(plans),
+        chains=chains,
     )
+
+
+def _chains(declared, sequence, rules) -> tuple[tuple[str, ...], ...]:
+    """The pipeline's own hook chains (`PipelineSpec.offload_chains`) over the models this policy chains.
+
+    A submodule link stays while its component is offloaded whole by the `model` strategy; empty chains go.
+    Empty when the chains are one chain over `sequence` (the runtime's default).
+    """
+    kept = set(sequence)
+    rules = {n: r for n, r in rules.items() if n in kept}
+    chains = []
+    for chain in declared:
+        links = tuple(link for link in chain if link in kept or (
+            "." in link and _whole_moves(rules.get(link.partition(".")[0]))))
+        if links:
+            chains.append(links)
+    return tuple(chains) if chains != [tuple(sequence)] else ()
+
+
+def _whole_moves(rule) -> bool:
+    """Whether a component's rule moves it whole with `.to()` (what a submodule's own hook also does)."""
+    return isinstance(rule, ModelRule) and rule.transfer == "standard"
 
 
 def _layouts(policy, models, rules, sizes, paths, device, machine: Machine, problems) -> dict:

@@ -1,8 +1,9 @@
 """From a file, a built-in name or a dict to a validated `Policy`.
 
 Steps: parse YAML with positions, follow `extends` (merging parent keys under
-child keys), validate with pydantic, then run the checks a schema cannot express
-(duplicates, a name both chained and excluded). Every problem is translated to
+child keys; at most `MAX_EXTENDS` parents in a chain), validate with pydantic,
+then run the checks a schema cannot express (duplicates, a name both chained and
+excluded). Every problem is translated to
 `file:line:col dotted.path: what is wrong. what to do.` and reported together.
 """
 
@@ -13,10 +14,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from ..errors import PolicyError, Problem
-from .documents import DocumentKind, Located, builtin_documents, locate, positions_of, read_source, translate
+from ..errors import PolicyError, Problem, quoted
+from .documents import (DocumentKind, Located, builtin_documents, inherited, locate, positions_of, read_source,
+                        translate)
 from .rules import RULES, ResidentRule
-from .schema import Budget, Policy, QuantizationRules
+from .schema import MAX_EXTENDS, Budget, Policy, QuantizationRules
 from .yaml_source import YamlDocument
 
 BUILTIN_PACKAGE = "offloadkit.policy.builtin"
@@ -45,29 +47,35 @@ def load(source) -> Policy:
         return source
     if isinstance(source, dict):
         doc = YamlDocument(source, "<dict>")
-        return _load_document(doc, base_dir=Path.cwd(), chain=())
+        return _load_document(doc, base_dir=Path.cwd(), chain=("<dict>",))
     if isinstance(source, (str, os.PathLike)):
         doc, base_dir, key = read_source(source, Path.cwd(), None, POLICY)
         return _load_document(doc, base_dir=base_dir, chain=(key,))
-    raise PolicyError(f"cannot load a policy from {type(source).__name__} {source!r}. "
+    raise PolicyError(f"cannot load a policy from {type(source).__name__} {quoted(source)}. "
                       "Pass a file path, a built-in name, a dict or a Policy")
 
 
 def _load_document(doc: YamlDocument, base_dir: Path, chain: tuple) -> Policy:
     data, positions = _merged(doc, base_dir, chain)
+    extends_at = positions.get((("extends",), False)) if doc.data.get("extends") is not None else None
     try:
         policy = Policy.model_validate(data)
     except ValidationError as exc:
-        raise PolicyError(translate(exc, data, positions, doc.source, _allowed_keys)) from None
+        problems = translate(exc, data, positions, doc.source, _allowed_keys)
+        raise PolicyError([inherited(p, doc.source, extends_at) for p in problems]) from None
     problems = internal_problems(policy, positions, doc.source)
     if problems:
-        raise PolicyError(problems)
-    policy._document = Located(doc.source, positions)
+        raise PolicyError([inherited(p, doc.source, extends_at) for p in problems])
+    policy._document = Located(doc.source, positions, extends_at)
     return policy
 
 
-def _merged(doc: YamlDocument, base_dir: Path, chain: tuple):
-    """The document's data with its `extends` parents merged under it, and merged positions."""
+def _merged(doc: YamlDocument, base_dir: Path, chain: tuple, root_extends: Problem | None = None):
+    """The document's data with its `extends` parents merged under it, and merged positions.
+
+    `root_extends` is the `extends` line of the file the user asked about: problems found further up the
+    chain name it too.
+    """
     data = doc.data
     positions = positions_of(doc)
     if not isinstance(data, dict):
@@ -79,17 +87,33 @@ def _merged(doc: YamlDocument, base_dir: Path, chain: tuple):
     if parent_ref is None:
         return dict(data), positions
     origin = locate(positions, ("extends",), "", False, doc.source)
+    root_extends = root_extends or origin
     if not isinstance(parent_ref, str):
-        raise PolicyError(Problem(f"`extends` must be a built-in name or a file path, not {parent_ref!r}. "
+        raise PolicyError(Problem(f"`extends` must be a built-in name or a file path, not {quoted(parent_ref)}. "
                                   "Write e.g. `extends: diffusers-default`",
                                   origin.source, origin.path, origin.line, origin.column))
-    parent_doc, parent_dir, key = read_source(parent_ref, base_dir, origin, POLICY)
+    if len(chain) > MAX_EXTENDS:  # checked before reading: a chain of 1,000 files stops at the 17th
+        files = [_short(k) for k in chain]
+        shown = " -> ".join(files if len(files) <= 6 else files[:3] + ["..."] + files[-2:])
+        raise PolicyError(_at_each(f"`extends` chain is longer than {MAX_EXTENDS} files ({shown} -> "
+                                   f"{quoted(parent_ref)}). Merge some of them into one file",
+                                   root_extends, origin))
+    try:
+        parent_doc, parent_dir, key = read_source(parent_ref, base_dir, origin, POLICY)
+    except PolicyError as exc:  # not found, or unreadable YAML in a parent file
+        raise PolicyError([inherited(p, root_extends.source, root_extends) for p in exc.problems]) from None
     if key in chain:
         cycle = " -> ".join(_short(k) for k in list(chain) + [key])
-        raise PolicyError(Problem(f"`extends` makes a cycle ({cycle}). Remove one of the `extends` lines",
-                                  origin.source, origin.path, origin.line, origin.column))
-    parent_data, parent_positions = _merged(parent_doc, parent_dir, chain + (key,))
+        raise PolicyError(_at_each(f"`extends` makes a cycle ({cycle}). Remove one of the `extends` lines",
+                                   root_extends, origin))
+    parent_data, parent_positions = _merged(parent_doc, parent_dir, chain + (key,), root_extends)
     return _merge(parent_data, parent_positions, data, positions)
+
+
+def _at_each(message: str, *origins: Problem) -> list[Problem]:
+    """The same problem at each distinct place, in order (the file the user asked about first)."""
+    places = dict.fromkeys((o.source, o.path, o.line, o.column) for o in origins)
+    return [Problem(message, *place) for place in places]
 
 
 def _short(key: str) -> str:
@@ -102,24 +126,20 @@ def _merge(parent: dict, parent_pos: dict, child: dict, child_pos: dict):
     `name`, `description` and `extends` belong to one file and are not inherited.
     """
     merged = {k: v for k, v in parent.items() if k not in ("name", "description", "extends")}
-    positions = {k: v for k, v in parent_pos.items() if k[0][:1] not in (("name",), ("description",), ("extends",))}
-    positions.pop(((), False), None)
+    dropped = {("name",), ("description",), ("extends",)}  # prefixes of parent positions the child replaces
     for key, value in child.items():
         if key in ("components", "quantization", "budget") and isinstance(value, dict) \
                 and isinstance(merged.get(key), dict):
             merged[key] = {**merged[key], **value}
-            for sub in value:
-                _drop_subtree(positions, (key, sub))
+            dropped.update((key, sub) for sub in value)
         else:
             merged[key] = value
-            _drop_subtree(positions, (key,))
+            dropped.add((key,))
+    # one pass over the parent's positions (not one per replaced key: 5,000 components would be quadratic)
+    positions = {entry: pos for entry, pos in parent_pos.items()
+                 if entry[0] and entry[0][:1] not in dropped and entry[0][:2] not in dropped}
     positions.update(child_pos)
     return merged, positions
-
-
-def _drop_subtree(positions: dict, prefix: tuple):
-    for entry in [e for e in positions if e[0][: len(prefix)] == prefix]:
-        del positions[entry]
 
 
 def _allowed_keys(path: tuple, data) -> list[str]:
@@ -154,7 +174,7 @@ def internal_problems(policy: Policy, positions: dict, source: str) -> list[Prob
         for i, name in enumerate(names):
             if name in seen:
                 problems.append(locate(positions, (key, i),
-                                        f"{name!r} is listed twice (first at index {seen[name]}). Remove one",
+                                        f"{quoted(name)} is listed twice (first at index {seen[name]}). Remove one",
                                         False, source))
             else:
                 seen[name] = i
@@ -163,14 +183,14 @@ def internal_problems(policy: Policy, positions: dict, source: str) -> list[Prob
         for i, name in enumerate(lists["sequence"]):
             if name in excluded:
                 problems.append(locate(positions, ("sequence", i),
-                                        f"{name!r} is both in `sequence` (offloaded) and in `exclude` (kept on "
+                                        f"{quoted(name)} is both in `sequence` (offloaded) and in `exclude` (kept on "
                                         "the device). Remove it from one of them", False, source))
     if "sequence" in lists:
         for i, name in enumerate(lists["sequence"]):
             rule = policy.components.get(name)
             if rule is not None and not rule.chained:
                 problems.append(locate(positions, ("sequence", i),
-                                        f"{name!r} is in `sequence` but its rule says strategy "
+                                        f"{quoted(name)} is in `sequence` but its rule says strategy "
                                         f"{rule.strategy!r}, which is not offloaded in a chain. Remove it from "
                                         "`sequence` or change its strategy", False, source))
     if "exclude" in lists:
@@ -178,7 +198,7 @@ def internal_problems(policy: Policy, positions: dict, source: str) -> list[Prob
             rule = policy.components.get(name)
             if rule is not None and not isinstance(rule, ResidentRule):
                 problems.append(locate(positions, ("exclude", i),
-                                        f"{name!r} is in `exclude` (kept resident) but its rule says strategy "
+                                        f"{quoted(name)} is in `exclude` (kept resident) but its rule says strategy "
                                         f"{rule.strategy!r}. Remove it from `exclude` or from `components`",
                                         False, source))
     return problems

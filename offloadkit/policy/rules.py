@@ -31,6 +31,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, model_validator
 
+from ..errors import quoted
 from ..units import BYTES_PATTERN, PERCENT_PATTERN, Share, parse_bytes, parse_share
 
 HOME_DEVICE = "device"  # `home` of a rule whose weights stay on the execution device
@@ -283,8 +284,10 @@ class GroupRule(PrecisionRule):
     non_blocking: bool = Field(False, description="Non-blocking host-to-device copies.")
     block_modules: list[str] | None = Field(
         None,
-        description="Submodules to treat as blocks (for models whose layers are nested, such as text "
-        "encoders: e.g. `[text_model.encoder.layers]`). Default: the model's own setting.",
+        description="Submodules to treat as blocks, for models whose layers are nested (text encoders): "
+        "names of child modules, one per level, as diffusers matches them: the groups are the lists of blocks "
+        "found among the children of the modules named (T5: `[encoder]`; CLIP: `[encoder]` or "
+        "`[text_model, encoder]`). Checked against the model at apply. Default: the model's own setting.",
     )
 
     synthesis_rank: ClassVar[int | None] = 3
@@ -384,7 +387,7 @@ def _check_resident(value):
             return value
         except ValueError:
             pass
-    raise ValueError(f"cannot read `resident: {value!r}`. Write `auto`, a number of blocks (e.g. 8), a share "
+    raise ValueError(f"cannot read `resident: {quoted(value)}`. Write `auto`, a number of blocks (e.g. 8), a share "
                      "of them (e.g. '40%') or a size of them (e.g. '6GiB')")
 
 

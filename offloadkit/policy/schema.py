@@ -12,11 +12,15 @@ from typing import Annotated, Literal, Union
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator
 
 from ..device import DEVICE_PATTERN
+from ..errors import quoted
 from ..units import AutoOrShare, Size
 from .capabilities import limit_for_any_version
 from .rules import PRECISION_KEYS, RULES, StrategyRule, strategy_names
 
 SCHEMA_ID = "https://offloadkit.dev/schemas/policy.schema.json"
+# Parents in one `extends` chain beyond the policy itself (`loading` enforces it): deep enough for layered
+# policies, and a bound on the files read for a chain of 1,000 or one generated without end.
+MAX_EXTENDS = 16
 
 QuantAction = Literal["auto", "keep-on-device", "offload", "refuse"]
 
@@ -92,7 +96,7 @@ class QuantizationRules(BaseModel):
 def _exactly_one(value):
     # YAML's `true` and `1.0` would pass as 1 in pydantic's lax mode; the JSON Schema says const 1.
     if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"unsupported version {value!r}. This offloadkit reads `version: 1`")
+        raise ValueError(f"unsupported version {quoted(value)}. This offloadkit reads `version: 1`")
     return value
 
 
@@ -129,7 +133,8 @@ class Policy(BaseModel):
     description: str | None = Field(None, description="What the policy is for.")
     extends: str | None = Field(
         None,
-        description="A built-in policy name or a path (relative to this file) whose keys this file overrides.",
+        description="A built-in policy name or a path (relative to this file) whose keys this file overrides. "
+        f"A chain of `extends` may be at most {MAX_EXTENDS} files long beyond this one.",
     )
     device: str = Field(
         "auto",
@@ -139,13 +144,16 @@ class Policy(BaseModel):
     )
     sequence: Literal["auto"] | list[str] = Field(
         "auto",
-        description="Offload chain order. `auto` uses the pipeline's `model_cpu_offload_seq` minus excluded, "
-        "resident and skipped components.",
+        description="Offload chain order. `auto` follows the pipeline's own `enable_model_cpu_offload`: its "
+        "`model_cpu_offload_seq`, or where a pipeline overrides the switch the order the override hooks in (one "
+        "chain per sub-pipeline for combined pipelines; AudioLDM2's explicit list), minus the components the "
+        "policy takes out of the chain (another strategy, or `exclude`).",
     )
     exclude: Literal["auto"] | list[str] = Field(
         "auto",
         description="Components kept resident on the device, never offloaded. `auto` uses the pipeline's "
-        "`_exclude_from_cpu_offload`.",
+        "`_exclude_from_cpu_offload` for models outside the sequence (as diffusers does: an excluded model in "
+        "the sequence, or in a `sequence` you write, is chained).",
     )
     components: dict[str, ComponentRule] = Field(
         default_factory=dict,

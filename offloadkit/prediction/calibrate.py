@@ -16,6 +16,7 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .. import progress
 from ..errors import DeviceError
 from .hardware import HardwareProfile, Measurement
 
@@ -283,10 +284,19 @@ def calibrate(device: str = "auto", *, quick: bool = False, folder: str | os.Pat
     host_memory = _host_memory()
     device_memory = _device_memory(torch, device, host_memory)
     device_name = _device_name(torch, device)
-    pinned, pageable, d2h = _transfers(torch, device, sync, transfer_size, repeats, notes)
-    flops, dtype = _compute(torch, device, sync, quick)
-    efficiency = _block_efficiency(torch, device, sync, quick, flops, dtype, notes)
-    disk = _disk_read(None if folder is None else os.fspath(folder), disk_size, 3, notes)
+    with progress.bar("calibrating", total=4, unit=" steps") as shown:
+        shown.set_postfix_str("host-device copies")
+        pinned, pageable, d2h = _transfers(torch, device, sync, transfer_size, repeats, notes)
+        shown.update(1)
+        shown.set_postfix_str("compute")
+        flops, dtype = _compute(torch, device, sync, quick)
+        shown.update(1)
+        shown.set_postfix_str("a transformer block")
+        efficiency = _block_efficiency(torch, device, sync, quick, flops, dtype, notes)
+        shown.update(1)
+        shown.set_postfix_str("disk reads")
+        disk = _disk_read(None if folder is None else os.fspath(folder), disk_size, 3, notes)
+        shown.update(1)
 
     runtime = None
     if device.type != "cpu":

@@ -26,6 +26,7 @@ from __future__ import annotations
 import itertools
 from dataclasses import dataclass
 
+from .. import progress
 from ..errors import OffloadkitError, SynthesisError
 from ..plans.library_gates import limit_for
 from ..plans.resolve import resolve
@@ -122,6 +123,7 @@ class _Search:
         self.check_host = check_host
         self.cache: dict = {}
         self.fitting = 0
+        self.progress = None  # a progress bar, counting the policies predicted
 
     def rules(self, state) -> dict:
         return {c.name: self.options[c.name][i][1] for c, i in zip(self.models, state)}
@@ -140,6 +142,9 @@ class _Search:
             result = (prediction, checks, (penalty, _call_cost(prediction)))
             self.fitting += not binding(checks)
         self.cache[state] = result
+        if self.progress is not None:
+            self.progress.update(1)
+            self.progress.set_postfix_str(f"{self.fitting} fit")
         return result
 
     def plan(self, state):
@@ -279,7 +284,10 @@ def synthesize(source, *, hardware=None, budget=None, settings=None, device=None
     models.sort(key=lambda c: -(c.bytes or 0))
     options = {c.name: _options(c, device_type, allow_quantize) for c in models}
     search = _Search(context, models, options, limit, check_host=not nominal)
-    state, best = _best_descent(search, models, options)
+    with progress.bar("searching policies", unit=" policies") as shown:
+        search.progress = shown
+        state, best = _best_descent(search, models, options)
+        search.progress = None
     if best is None or binding(best[1]):
         raise SynthesisError(_nothing_fits(limit_source, best, state, models, search, allow_quantize))
     prediction, checks, _ = best

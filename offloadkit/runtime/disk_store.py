@@ -23,12 +23,14 @@ import struct
 from collections.abc import Mapping
 from pathlib import Path
 
+from .. import progress
 from ..errors import PipelineError
 from ..units import DTYPES, format_bytes, torch_dtype_name
 
 FILE_NAME = "weights.safetensors"
 PAGE = mmap.PAGESIZE
 PAD_PREFIX = "__pad_"
+PROGRESS_FROM = 256 * 2**20  # files smaller than this are written without a progress bar
 
 _DTYPE_NAMES = {name: code for name, (_, code) in DTYPES.items()}  # torch dtype name -> safetensors dtype
 _ITEMSIZE = {code: size for size, code in DTYPES.values()}
@@ -90,7 +92,8 @@ def write_aligned(tensors: dict, path: Path) -> None:
     header = json.dumps(entries, separators=(",", ":")).encode()
     # the data section starts on a page boundary too: pad the header with spaces (allowed by the format)
     header += b" " * (_round_up(8 + len(header)) - 8 - len(header))
-    with open(path, "wb") as out:
+    with open(path, "wb") as out, progress.bar(f"writing {path.parent.name}", total=offset, unit="B",
+                                               min_total=PROGRESS_FROM) as shown:
         out.write(struct.pack("<Q", len(header)))
         out.write(header)
         written = 0
@@ -100,6 +103,7 @@ def write_aligned(tensors: dict, path: Path) -> None:
                 out.write(b"\0" * (end - begin))
             elif end > begin:
                 out.write(memoryview(_as_bytes(tensors[key])))
+            shown.update(end - written)
             written = end
         assert written == offset
 

@@ -23,7 +23,7 @@ from ..policy.loading import load
 from ..tensor_bytes import module_bytes
 from .pipeline_class import HANDLE_ATTR, offloaded_class
 from .strategies import installer_for
-from .strategies.model import ComponentState
+from .strategies.model import ComponentState, install_part
 from .streaming import StreamStats
 from .trace import Trace
 
@@ -69,6 +69,17 @@ def _machine(spec, device) -> Machine:
     return Machine(device_free=free, device_total=total, host_ram=host_ram(), system=platform.system())
 
 
+def switch_owners(pipe) -> list:
+    """The pipeline and the sub-pipelines it holds: where diffusers' own switch keeps its `_all_hooks`.
+
+    A combined pipeline's override switches on its `prior_pipe` and `decoder_pipe`, whose own end of call
+    re-installs their chains.
+    """
+    from diffusers import DiffusionPipeline
+
+    return [pipe, *(v for v in vars(pipe).values() if isinstance(v, DiffusionPipeline))]
+
+
 class OffloadHandle:
     """A policy applied to a pipeline. `trace` records moves; `remove()` restores the pipeline."""
 
@@ -87,6 +98,7 @@ class OffloadHandle:
         self._saved_devices: dict = {}
         self._weights: dict = {}  # original tensors kept by strategies that leave meta tensors behind
         self._streams: dict = {}  # component -> StreamStats, for streamed (sequential/disk/group) components
+        self._parts: dict = {}  # "component.submodule" -> (submodule, its chain hook), for plans with such links
         self._prefetch_stream = None  # the CUDA side stream of `prefetch` uploads, made when first needed
         self._diffusers_offload_device = None  # set when apply replaced enable_model_cpu_offload
         self._tmp = None  # temporary folder of disk-tier files
@@ -197,9 +209,11 @@ class OffloadHandle:
         self._claim_components()
         # diffusers' own model offload is replaced, as enable_model_cpu_offload itself would do,
         # and given back by remove().
-        if getattr(pipe, "_all_hooks", None):
-            self._diffusers_offload_device = getattr(pipe, "_offload_device", None)
-            pipe.remove_all_hooks()
+        switched_on = [owner for owner in switch_owners(pipe) if getattr(owner, "_all_hooks", None)]
+        if switched_on:
+            self._diffusers_offload_device = getattr(switched_on[0], "_offload_device", None)
+            for owner in switched_on:  # a sub-pipeline left switched on would put its chain back at its end of call
+                owner.remove_all_hooks()
         self._save_devices()
         try:
             self._apply_precision()
@@ -260,16 +274,43 @@ class OffloadHandle:
 
     def _install_hooks(self) -> None:
         components = self.pipe.components
-        # The plan lists the chain first, in order: each hook needs its predecessor's.
-        previous = None
-        for component in self.plan.components:
-            module = components[component.name]
-            link = previous if component.chain_index is not None else None
-            installed = installer_for(component.rule).install(self, component.name, module, component.rule, link)
-            if component.chain_index is not None:
+        # The chains first, in order: each hook needs its predecessor's.
+        earlier = []  # the hooks of the chains before the current one
+        for chain in self.plan.chains or (self.plan.sequence,):
+            previous = None
+            for link in chain:
+                name, _, path = link.partition(".")
+                if path:  # a submodule hooked as a link of its own (AudioLDM2's CLAP text model)
+                    module = components[name].get_submodule(path)
+                    installed = install_part(self, link, name, module, previous)
+                    self._parts[link] = (module, installed.hook)
+                else:
+                    rule = self.plan.component(name).rule
+                    installed = installer_for(rule).install(self, name, components[name], rule, previous)
+                if previous is None and earlier:
+                    installed.hook.offload_first = tuple(earlier)
                 previous = installed
+            earlier.extend(self._chain_hooks(chain))
+        for component in self.plan.components:
+            if component.chain_index is None:
+                installer_for(component.rule).install(self, component.name, components[component.name],
+                                                      component.rule, None)
+
+    def _chain_hooks(self, chain) -> list:
+        """The hooks of a chain's links, as `UserCpuOffloadHook`s: what the next chain's first model offloads."""
+        from accelerate.hooks import UserCpuOffloadHook
+
+        components = self.pipe.components
+        found = []
+        for link in chain:
+            module, hook = self._parts[link] if link in self._parts else (components[link], self._hooks.get(link))
+            if getattr(hook, "state", None) is not None:
+                found.append(UserCpuOffloadHook(module, hook))
+        return found
 
     def _remove_hooks(self) -> None:
+        from accelerate.hooks import remove_hook_from_module
+
         components = self.pipe.components
         # Reverse of install order.
         for component in reversed(self.plan.components):
@@ -277,6 +318,10 @@ class OffloadHandle:
             module = components.get(component.name)
             if uninstall is not None and module is not None:
                 uninstall(self, component.name, module)
+        for module, hook in reversed(self._parts.values()):
+            if getattr(module, "_hf_hook", None) is hook:
+                remove_hook_from_module(module)
+        self._parts.clear()
         self._hooks.clear()
         self._states.clear()
         self._streams.clear()
@@ -376,6 +421,10 @@ class OffloadHandle:
         """The policy's end of call: everything the chain onloaded goes back to host RAM."""
         components = self.pipe.components
         offloaded = False
+        for module, hook in self._parts.values():  # before their components, which move them too
+            if hook.state.on_device(module):
+                hook.init_hook(module)
+                offloaded = True
         for name, state in self._states.items():
             module = components[name]
             if not state.keep and state.on_device(module):

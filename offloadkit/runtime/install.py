@@ -18,7 +18,7 @@ from __future__ import annotations
 
 from ..errors import PipelineError
 from ..plans.plan import Plan
-from .handle import OffloadHandle, refuse_shared_components, resolved
+from .handle import OffloadHandle, refuse_shared_components, resolved, switch_owners
 from .pipeline_class import HANDLE_ATTR
 
 
@@ -76,7 +76,8 @@ def _check_pipeline(pipe, the_plan: Plan) -> None:
     handle = getattr(pipe, HANDLE_ATTR, None)
     # Hooks of the policy being replaced are ours: its remove() takes them away.
     ours = {c.name for c in handle.plan.components if c.rule.managed} if handle is not None else set()
-    diffusers_hooks = {id(h.hook) for h in (getattr(pipe, "_all_hooks", None) or [])}
+    diffusers_hooks = {id(h.hook) for owner in switch_owners(pipe)
+                       for h in (getattr(owner, "_all_hooks", None) or [])}
     managed = {c.name for c in the_plan.components if c.rule.managed}
     for name, component in pipe.components.items():
         if name not in managed or name in ours or not isinstance(component, torch.nn.Module):

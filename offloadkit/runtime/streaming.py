@@ -2,7 +2,8 @@
 
 Two granularities:
 - `layer`: Accelerate's `cpu_offload`, one hook per module with weights of its own
-  (what `enable_sequential_cpu_offload` does): least memory, most hook overhead.
+  (what `enable_sequential_cpu_offload` does): least memory, most hook overhead. Installed by
+  `read_safe_streaming.stream_layers`, which also serves the reads such hooks miss.
 - `block`: one hook per block (each element of the model's top-level ModuleLists, and
   each other top-level child) that materialises the whole block for its forward:
   a block's weights on the device at a time, far fewer hooks.
@@ -19,15 +20,6 @@ def _execution_device(device):
 
     # Accelerate's meta-device materialisation fails for `cpu:0` but works for `cpu`.
     return torch.device("cpu") if device.type == "cpu" else device
-
-
-def stream_layers(handle, name, module, offload_buffers, weights) -> None:
-    from accelerate import cpu_offload
-
-    if offload_buffers == "auto":  # diffusers' rule in enable_sequential_cpu_offload
-        offload_buffers = len(module._parameters) > 0
-    cpu_offload(module, _execution_device(handle.device), offload_buffers=offload_buffers, state_dict=weights)
-    handle.set_hook(name, module._hf_hook)
 
 
 def blocks_of(module):

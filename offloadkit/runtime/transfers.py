@@ -16,6 +16,9 @@ before anything on it can read them.
 
 from __future__ import annotations
 
+from .. import progress
+
+PIN_PROGRESS_FROM = 1 * 2**30  # pinning less than this is quick: no progress bar
 
 class _Prefetchable:
     """A host copy whose onload can be queued on a CUDA side stream (a prefetch), then waited for."""
@@ -49,19 +52,23 @@ class HostCopy(_Prefetchable):
         self.pinned = pinned
         self.entries = []
         seen = set()
-        for sub in module.modules():
-            for table in (sub._parameters, sub._buffers):
-                for tensor in table.values():
-                    if tensor is None or id(tensor) in seen:
-                        continue
-                    seen.add(id(tensor))
-                    host = tensor.data
-                    if host.device.type != "cpu":
-                        host = host.cpu()
-                    if pinned:
-                        host = host.pin_memory()
-                    tensor.data = host  # the model's host storage is the copy: no second copy in RAM
-                    self.entries.append((tensor, host))
+        total = sum(t.numel() * t.element_size() for t in module.state_dict(keep_vars=True).values()) if pinned else 0
+        # pinning gigabytes takes seconds (page-locking every page): shown when it is that large
+        with progress.bar("pinning host copies", total=total, unit="B", min_total=PIN_PROGRESS_FROM) as shown:
+            for sub in module.modules():
+                for table in (sub._parameters, sub._buffers):
+                    for tensor in table.values():
+                        if tensor is None or id(tensor) in seen:
+                            continue
+                        seen.add(id(tensor))
+                        host = tensor.data
+                        if host.device.type != "cpu":
+                            host = host.cpu()
+                        if pinned:
+                            host = host.pin_memory()
+                            shown.update(host.numel() * host.element_size())
+                        tensor.data = host  # the model's host storage is the copy: no second copy in RAM
+                        self.entries.append((tensor, host))
 
     def _keep(self, index, tensor, host):
         if self.pinned and not host.is_pinned():

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from ...policy.rules import DiskRule
 from ..disk_store import discard, store
-from ..streaming import offloading_modules, stream_blocks, stream_layers
+from ..read_safe_streaming import stream_layers, undo
+from ..streaming import offloading_modules, stream_blocks
 from .registry import register_installer
 
 
@@ -33,6 +34,7 @@ def install(handle, name, module, rule, previous):
 def uninstall(handle, name, module):
     from accelerate.hooks import remove_hook_from_module
 
+    undo(module)
     # Accelerate's detach reads every tensor back from the file into RAM.
     remove_hook_from_module(module, recurse=True)
     weights = handle.take_weights(name)

@@ -26,6 +26,7 @@ from accelerate.utils import send_to_device
 
 from ...accelerator import empty_cache, module_device, same_device
 from ...policy.rules import ModelRule
+from ...tensor_bytes import module_bytes
 from ..compile_safety import compiler_disabled
 from ..transfers import host_copy
 from .registry import register_installer
@@ -59,6 +60,9 @@ class ChainOffloadHook(CpuOffload):
         super().__init__(execution_device=execution_device, prev_module_hook=prev_module_hook)
         self.state = state
         self.prefetch_next = None  # the hook of the next model in the chain, when that one is prefetched
+        # At the start of a chain after the first (a combined pipeline's next sub-pipeline): the earlier chains'
+        # hooks, whose models diffusers' sub-pipeline end of call has offloaded by then; offloaded here.
+        self.offload_first = ()
         self.stream = None  # the side stream this component's prefetches run on (CUDA), else None
 
     def init_hook(self, module):
@@ -79,8 +83,11 @@ class ChainOffloadHook(CpuOffload):
     @compiler_disabled
     def pre_forward(self, module, *args, **kwargs):
         previous = self.prev_module_hook
-        if previous is not None and not previous.hook.state.keep and previous.hook.state.on_device(previous.model):
-            previous.offload()
+        leaving = [h for h in (previous, *self.offload_first)
+                   if h is not None and not h.hook.state.keep and h.hook.state.on_device(h.model)]
+        for hook in leaving:
+            hook.offload()
+        if leaving:
             empty_cache(self.execution_device)
         self.state.trace.enter_stage(self.state.stage)  # models of earlier stages leave before this one comes
         moved = self._onload(module)
@@ -148,6 +155,17 @@ def install(handle, name, module, rule, previous):
         previous.hook.prefetch_next = hook
     add_hook_to_module(module, hook, append=False)
     handle.set_hook(name, hook)
+    return UserCpuOffloadHook(module, hook)
+
+
+def install_part(handle, link, owner, module, previous):
+    """A chain hook on a submodule of a component (`text_encoder.text_model`), as AudioLDM2's own switch installs.
+
+    Its moves are traced under `link`; the component's own hook, if any, moves it whole.
+    """
+    state = ComponentState(link, handle.plan.component(owner).stage, module_bytes(module), handle.trace)
+    hook = ChainOffloadHook(handle.device, previous, state)
+    add_hook_to_module(module, hook, append=False)
     return UserCpuOffloadHook(module, hook)
 
 

@@ -8,7 +8,7 @@ dropped right after. Lowest device memory, slowest calls.
 from __future__ import annotations
 
 from ...policy.rules import SequentialRule
-from ..streaming import stream_layers
+from ..read_safe_streaming import stream_layers, undo
 from .registry import register_installer
 
 
@@ -38,6 +38,7 @@ def _own_tensors(module) -> dict:
 def uninstall(handle, name, module):
     from accelerate.hooks import remove_hook_from_module
 
+    undo(module)
     # Accelerate's detach puts new tensor objects (over the host copies) where the meta ones were;
     # put the model's own objects back so ties and references held elsewhere hold again.
     remove_hook_from_module(module, recurse=True)
