@@ -7,6 +7,8 @@ everything about one model's rule that `resolve` needs before it builds the chai
 
 from __future__ import annotations
 
+import weakref
+
 from ..policy.backends import BACKENDS
 from ..policy.loading import located_problem
 from ..policy.rules import ModelRule, ResidentRule, SkipRule, StrategyRule
@@ -166,9 +168,24 @@ def plan_precision(name, component, rule, sizes, policy, path, from_instance, de
         return rule, located_problem(policy, path, _refusal(subject, limit))
     module = component.module
     if module is not None and not own:
-        with planned_sizes(precision.planned_tensor_bytes(module, rule)):
-            sizes[name] = module_bytes(module)
+        sizes[name] = planned_module_bytes(module, component.bytes, rule)
     return rule, None
+
+
+# module -> {(its bytes as loaded, precision options): its bytes after the change}. Synthesis resolves
+# hundreds of policies against one pipeline; walking every tensor of the model for each took most of
+# its time. The loaded size is part of the key, so a module changed since is measured again.
+_PLANNED: "weakref.WeakKeyDictionary" = weakref.WeakKeyDictionary()
+
+
+def planned_module_bytes(module, loaded_bytes, rule) -> int:
+    """The bytes `module` (of `loaded_bytes` as loaded) will have once the rule's precision change is applied."""
+    key = (loaded_bytes, rule.storage_dtype, rule.quantize, rule.quantize_with)
+    known = _PLANNED.setdefault(module, {})
+    if key not in known:
+        with planned_sizes(precision.planned_tensor_bytes(module, rule)):
+            known[key] = module_bytes(module)
+    return known[key]
 
 
 def weights_label(component, rule) -> str | None:

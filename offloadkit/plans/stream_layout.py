@@ -356,8 +356,8 @@ _SIZES: "weakref.WeakKeyDictionary" = None  # module -> {(paths, sizes in effect
 def block_sizes(module, paths) -> tuple[tuple[tuple[str, int], ...], int]:
     """((block path, bytes), ...) in the model's order and the bytes of the rest, cached per module.
 
-    Synthesis resolves the same model under many rules: walking its module tree once is enough. Under
-    planned sizes (`tensor_bytes.planned_sizes`, for precision changes) nothing is cached.
+    Synthesis resolves the same model under many rules: walking its module tree once is enough, once
+    per set of planned sizes (`tensor_bytes.planned_sizes`, for precision changes).
     """
     import weakref
 
@@ -366,8 +366,11 @@ def block_sizes(module, paths) -> tuple[tuple[tuple[str, int], ...], int]:
     global _SIZES
     if _SIZES is None:
         _SIZES = weakref.WeakKeyDictionary()
-    key = tuple(paths) if paths is not None else None
-    cached = _SIZES.setdefault(module, {}) if planned_context() is None else {}  # planned sizes: not cached
+    planned = planned_context()
+    # under planned sizes the key holds them too: the same precision change is sized once
+    key = (tuple(paths) if paths is not None else None,
+           frozenset(planned.items()) if planned is not None else None)
+    cached = _SIZES.setdefault(module, {})
     if key not in cached:
         blocks = find_blocks(module, paths)
         inside, rest = block_tensors(module, blocks)

@@ -28,6 +28,7 @@ from dataclasses import asdict, dataclass, field
 from ..device import Device
 from ..errors import UnknownComponentError
 from ..plans import precision
+from ..plans.component_rules import planned_module_bytes
 from ..plans.plan import Plan
 from ..plans.stages import STAGES
 from ..policy.rules import DISK, HOME_DEVICE, HOST
@@ -531,7 +532,8 @@ class PredictionContext:
         with planned_sizes(sizes):
             if changed:
                 plan = replace(plan, components=tuple(
-                    replace(c, bytes=module_bytes(changed[c.name])) if c.name in changed else c
+                    replace(c, bytes=planned_module_bytes(changed[c.name], self.spec.get(c.name).bytes, c.rule))
+                    if c.name in changed else c
                     for c in plan.components))
             if self.flops is None and self.hardware is not None and self.hardware.compute:
                 from .compute import component_flops
