@@ -35,7 +35,7 @@ demo: $(CORE_STAMP)
 	$(BIN)/offloadkit demo
 
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n auto --maxprocesses=4
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache

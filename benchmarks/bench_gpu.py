@@ -147,10 +147,11 @@ NEEDS_ACCELERATOR = {
     "diffusers-sequential": "diffusers makes the device `cpu:0`, on which Accelerate's per-layer meta swap fails "
                             "(TypeError in post_forward); offloadkit's `sequential` normalises it to `cpu`",
     "diffusers-group": "use_stream=True needs CUDA streams",
-    "ok-pinned": "`transfer: pinned` needs an accelerator (offloadkit refuses it on the CPU)",
-    "ok-pinned-prefetch": "`transfer: pinned` needs an accelerator (offloadkit refuses it on the CPU)",
-    "ok-group-stream": "`use_stream: true` needs CUDA streams (offloadkit refuses it on the CPU)",
-    "ok-group-all": "`use_stream: true` needs CUDA streams (offloadkit refuses it on the CPU)",
+    "ok-pinned": "`transfer: pinned` needs an accelerator (on the CPU it runs as `copy-free`: not this method)",
+    "ok-pinned-prefetch": "`transfer: pinned` needs an accelerator (on the CPU it runs as `copy-free`: not this "
+                          "method)",
+    "ok-group-stream": "`use_stream: true` needs CUDA streams (on the CPU it runs without: not this method)",
+    "ok-group-all": "`use_stream: true` needs CUDA streams (on the CPU it runs without: not this method)",
 }
 # Whole-model offload with CpuOffload-style hooks: their component transitions are timed.
 MODEL_OFFLOAD = ("diffusers-model", "ok-default", "ok-copy-free", "ok-pinned")

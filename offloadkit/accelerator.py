@@ -21,6 +21,21 @@ def detect_accelerator() -> str | None:
     return None
 
 
+def device_type_available(requested) -> bool:
+    """Whether this machine has a device of the type `requested` names (`auto`: any accelerator); the index is
+    not checked (`resolve_device` does)."""
+    import torch
+
+    text = str(requested)
+    if text == "auto":
+        return detect_accelerator() is not None
+    kind = text.partition(":")[0]
+    if kind == "cpu":
+        return True
+    is_available = getattr(getattr(torch, kind, None), "is_available", None)
+    return is_available is not None and bool(is_available())
+
+
 def resolve_device(requested) -> "torch.device":
     """A full device with its index. `auto` means the accelerator and fails clearly without one.
 

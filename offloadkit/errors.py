@@ -129,7 +129,8 @@ class DtypeError(OffloadkitError, ValueError):
 
 
 class CallSettingsError(OffloadkitError, ValueError):
-    """The settings of a predicted call are impossible (a size or batch that is not positive)."""
+    """The settings of a predicted call are impossible, or not a call the pipeline takes as asked: a size or batch
+    that is not positive, a height that is not a multiple of the family's factor, frames for an image pipeline."""
 
 
 class SynthesisError(OffloadkitError, ValueError):

@@ -36,6 +36,9 @@ Notes:
   routes accelerate hooks to it with its ``apply_forward_hook`` decorator.
 * Tokenizers and schedulers are pipeline components that are not
   ``torch.nn.Module`` instances.
+* ``tiny_wan_pipeline()`` (text-to-video) is not in ``TINY_PIPELINES``: its
+  output is ``.frames``, not ``.images``, which code written for the image
+  pipelines above does not expect. ``tiny_call_kwargs`` handles it.
 """
 
 from __future__ import annotations
@@ -50,6 +53,7 @@ from typing import Any, Callable, Iterator
 import torch
 
 __all__ = [
+    "ARCHITECTURE_ALIASES",
     "TINY_PIPELINES",
     "tiny_call_kwargs",
     "tiny_controlnet_pipeline",
@@ -60,6 +64,7 @@ __all__ = [
     "tiny_qwen_image_pipeline",
     "tiny_sd_pipeline",
     "tiny_sdxl_pipeline",
+    "tiny_wan_pipeline",
 ]
 
 TINY_PIPELINES = ("sd", "sdxl", "sd3", "controlnet", "flux", "qwen-image", "flux-kontext")
@@ -275,6 +280,15 @@ def _clip_text_encoder(tokenizer, seed: int, hidden_size: int, with_projection: 
         pad_token_id=tokenizer.pad_token_id,
     )
     model_class = CLIPTextModelWithProjection if with_projection else CLIPTextModel
+    with _seeded(seed):
+        return _ready(model_class(config))
+
+
+def _tiny_t5(config_class, model_class, tokenizer, seed: int):
+    """A 2-layer T5-family encoder (T5, UMT5) sized for the offline T5 tokenizer."""
+    config = config_class(vocab_size=len(tokenizer), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+                          relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id,
+                          eos_token_id=tokenizer.eos_token_id)
     with _seeded(seed):
         return _ready(model_class(config))
 
@@ -538,11 +552,7 @@ def tiny_flux_pipeline(*, seed: int = 0):
     tokenizer = _clip_tokenizer()
     text_encoder = _clip_text_encoder(tokenizer, seed, hidden_size=16, with_projection=False)
     tokenizer_2 = _t5_tokenizer()
-    t5_config = T5Config(vocab_size=len(tokenizer_2), d_model=32, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
-                         relative_attention_num_buckets=8, pad_token_id=tokenizer_2.pad_token_id,
-                         eos_token_id=tokenizer_2.eos_token_id)
-    with _seeded(seed + 2):
-        text_encoder_2 = _ready(T5EncoderModel(t5_config))
+    text_encoder_2 = _tiny_t5(T5Config, T5EncoderModel, tokenizer_2, seed + 2)
     with _seeded(seed):
         transformer = FluxTransformer2DModel(
             patch_size=1,
@@ -627,6 +637,29 @@ def tiny_flux_kontext_pipeline(*, seed: int = 0):
     return _finish(FluxKontextPipeline(**tiny_flux_pipeline(seed=seed).components))
 
 
+def tiny_wan_pipeline(*, seed: int = 0):
+    """A tiny ``WanPipeline`` (text-to-video): a 2-layer UMT5 text encoder, a 2-block transformer and a Wan VAE
+    that halves height, width and frames once. Its output is ``.frames``."""
+    from diffusers import AutoencoderKLWan, FlowMatchEulerDiscreteScheduler, WanPipeline, WanTransformer3DModel
+    from transformers import UMT5Config, UMT5EncoderModel
+
+    tokenizer = _t5_tokenizer()
+    text_encoder = _tiny_t5(UMT5Config, UMT5EncoderModel, tokenizer, seed + 1)
+    with _seeded(seed):
+        transformer = WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=8, in_channels=_LATENT_CHANNELS,
+            out_channels=_LATENT_CHANNELS, text_dim=32, freq_dim=16, ffn_dim=32, num_layers=2,
+            rope_max_seq_len=32)
+    with _seeded(seed + 2):
+        vae = AutoencoderKLWan(base_dim=8, z_dim=_LATENT_CHANNELS, dim_mult=[1, 2], num_res_blocks=1,
+                               temperal_downsample=[True], latents_mean=[0.0] * _LATENT_CHANNELS,
+                               latents_std=[1.0] * _LATENT_CHANNELS, scale_factor_temporal=2,
+                               scale_factor_spatial=2)
+    pipe = WanPipeline(tokenizer=tokenizer, text_encoder=text_encoder, vae=_ready(vae),
+                       scheduler=FlowMatchEulerDiscreteScheduler(shift=3.0), transformer=_ready(transformer))
+    return _finish(pipe)
+
+
 _BUILDERS: dict[str, Callable[..., Any]] = {
     "sd": tiny_sd_pipeline,
     "sdxl": tiny_sdxl_pipeline,
@@ -638,13 +671,28 @@ _BUILDERS: dict[str, Callable[..., Any]] = {
 }
 
 
+# Tiny pipelines are named by family; the built-in architectures (`offloadkit list`) by model. A model's
+# name gives its family's tiny pipeline, so one name works in both places.
+ARCHITECTURE_ALIASES = {
+    "sd15": "sd",
+    "sd35-medium": "sd3",
+    "sd35-large": "sd3",
+    "flux1-dev": "flux",
+    "flux1-schnell": "flux",
+    "flux1-kontext-dev": "flux-kontext",
+}
+
+
 def tiny_pipeline(name: str, *, seed: int = 0):
-    """Build the tiny pipeline called ``name`` (one of :data:`TINY_PIPELINES`)."""
+    """Build the tiny pipeline called ``name``: one of :data:`TINY_PIPELINES`, or an architecture's name
+    (``sd15``, ``flux1-dev``, ... in :data:`ARCHITECTURE_ALIASES`) for its family's tiny pipeline."""
     try:
-        builder = _BUILDERS[name]
+        builder = _BUILDERS[ARCHITECTURE_ALIASES.get(name, name)]
     except (KeyError, TypeError):
-        valid = ", ".join(repr(known) for known in TINY_PIPELINES)
-        raise ValueError(f"Unknown tiny pipeline {name!r}; valid names are {valid}.") from None
+        from .errors import did_you_mean
+
+        raise ValueError(f"Unknown tiny pipeline {name!r}. "
+                         + did_you_mean(str(name), [*TINY_PIPELINES, *ARCHITECTURE_ALIASES], "names")) from None
     return builder(seed=seed)
 
 
@@ -655,7 +703,7 @@ def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
     recipe can be used for a reference run and a run under test.
     """
     from diffusers import FluxKontextPipeline, FluxPipeline, QwenImagePipeline, StableDiffusion3Pipeline, \
-        StableDiffusionControlNetPipeline
+        StableDiffusionControlNetPipeline, WanPipeline
 
     kwargs: dict[str, Any] = {
         "prompt": _CALL_PROMPT,
@@ -683,6 +731,10 @@ def tiny_call_kwargs(pipe, seed: int = 0) -> dict[str, Any]:
         # no negative prompt: its "true CFG" is off, as in a call that passes none (no second forward)
         del kwargs["guidance_scale"]
         kwargs["true_cfg_scale"] = 1.0
+    if isinstance(pipe, WanPipeline):
+        # 3 frames: the VAE halves time causally (1 + 2k frames), to 2 latent frames
+        kwargs["num_frames"] = 3
+        kwargs["max_sequence_length"] = _MAX_TOKENS
     if isinstance(pipe, StableDiffusionControlNetPipeline):
         # Control images are RGB in [0, 1] at the output pixel size.
         control_generator = torch.Generator("cpu").manual_seed(seed)

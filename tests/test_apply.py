@@ -176,9 +176,14 @@ def test_device_auto_without_accelerator_is_a_clear_error():
     if torch.cuda.is_available():
         pytest.skip("this machine has an accelerator")
     pipe = tiny_pipeline("sd")
-    with pytest.raises(DeviceError, match="found no accelerator.*device='cpu'"):
+    with pytest.raises(DeviceError, match="no accelerator \\(the policy's `device: auto`\\).*Pass device='cpu'"):
         offloadkit.apply(pipe, "diffusers-default")
     assert hooked_submodules(pipe) == []
+    # a dry run plans it on the CPU instead, and says so
+    plan = offloadkit.plan(pipe, "diffusers-default")
+    assert plan.device == "cpu:0"
+    assert plan.notes == ("this machine has no accelerator (the policy's `device: auto`): planned on the CPU "
+                          "instead",)
 
 
 @pytest.mark.parametrize("device, needle", [("cuda:7", "not available|does not exist"), ("cpu:1", "only index 0"),
@@ -461,13 +466,17 @@ def test_copy_free_offload_drops_device_copies_instead_of_copying_back():
     assert_same_images(run(pipe), reference)
 
 
-def test_pinned_transfer_needs_an_accelerator():
+def test_pinned_transfer_runs_copy_free_on_the_cpu_and_is_refused_in_a_cpu_policy():
     policy = {"version": 1, "components": {"unet": {"strategy": "model", "transfer": "pinned"}}}
+    plan = offloadkit.plan(tiny_pipeline("sd"), policy, device="cpu")  # written for `device: auto`
+    unet = plan.component("unet")
+    assert unet.options["transfer"] == "copy-free"
+    assert unet.reason == "policy `components` rule; on cpu: `transfer: copy-free` in place of 'pinned'"
+    assert plan.notes == ("the policy is written for an accelerator; on cpu:0, unet runs with stand-ins for the "
+                          "options that need it (see the reasons): the same outputs, not the same timings",)
+    # a policy written for the CPU means what it says there: pinned memory is a mistake in it
     with pytest.raises(PolicyError, match="`transfer: pinned` needs an accelerator"):
-        offloadkit.plan(tiny_pipeline("sd"), policy, device="cpu")
-    plan = offloadkit.plan(tiny_pipeline("sd"), {"version": 1, "components": {"unet": {
-        "strategy": "model", "transfer": "copy-free"}}}, device="cpu")
-    assert plan.component("unet").options["transfer"] == "copy-free"
+        offloadkit.plan(tiny_pipeline("sd"), {**policy, "device": "cpu"})
 
 
 def test_copy_free_follows_a_dtype_change_made_during_the_call():

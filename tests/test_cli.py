@@ -194,8 +194,8 @@ def test_demo_bad_policy_is_a_clear_error(capsys):
 
 @pytest.mark.parametrize("content, needle", [
     (b"version: 1\n\x00\n", "invalid character '\\x00'"),
-    (b"version: true\n", "unsupported version True"),
-    (b"version: 1.0\n", "unsupported version 1.0"),
+    (b"version: true\n", "version: must be the number 1, not true"),
+    (b"version: 1.0\n", "version: must be the whole number 1, not 1.0"),
     (b"version: 1\nsequence: [yes, no]\n", "sequence.0: must be a component name, not True"),
     (b"\xef\xbb\xbfversion: 1\r\nsequnce: auto\r\n", ":2:1 sequnce: unknown key"),
 ])
@@ -333,7 +333,10 @@ def test_plan_prints_every_limit_and_json_carries_them(capsys):
     assert main(["plan", "diffusers-default", "--pipeline", "sdxl", "--hardware", "rtx-4060-8gb", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
     assert data["fits"] is True
-    assert {c["limit"] for c in data["limits"]} == {"device memory", "host RAM"}
+    # every limit is said to fit or not, those the call does not use (nothing pinned, nothing on disk) too
+    assert [c["limit"] for c in data["limits"]] == ["device memory", "host RAM", "pinned host RAM", "disk"]
+    assert [c["needed"] for c in data["limits"][2:]] == [0, 0] and all(c["fits"] for c in data["limits"])
+    assert "pinned host RAM: none needed: fits" in out and "disk: none needed: fits" in out
     device = next(c for c in data["limits"] if c["limit"] == "device memory")
     assert device["capacity"] == 8 * 2**30 and device["headroom"] == int(0.05 * 8 * 2**30)
     assert device["available"] == device["capacity"] - device["headroom"] and device["needed"] <= device["available"]
@@ -341,7 +344,7 @@ def test_plan_prints_every_limit_and_json_carries_them(capsys):
     assert main(["plan", "diffusers-default", "--pipeline", "sdxl", "--hardware", "rtx-4060-8gb", "--json",
                  "--headroom", "2GiB"]) == 0
     data = json.loads(capsys.readouterr().out)
-    assert all(c["headroom"] == 2 * 2**30 for c in data["limits"])
+    assert all(c["headroom"] == 2 * 2**30 for c in data["limits"][:2])  # pinned RAM and disk keep none free
     with pytest.raises(SystemExit) as exit_info:
         main(["plan", "diffusers-default", "--pipeline", "sdxl", "--headroom", "lots"])
     assert exit_info.value.code == 2 and "cannot read 'lots'" in capsys.readouterr().err

@@ -59,11 +59,21 @@ def test_group_options_keep_outputs(rule):
     assert_same_images(run(pipe), reference)
 
 
-def test_streams_on_cpu_are_refused_before_anything_is_installed():
+def test_streams_of_a_gpu_policy_are_off_on_the_cpu_and_refused_in_a_cpu_policy():
     pipe = tiny_pipeline("sd")
-    policy = {"version": 1, "components": {"unet": {"strategy": "group", "use_stream": True}}}
+    reference = run(pipe)
+    policy = {"version": 1, "components": {"unet": {"strategy": "group", "use_stream": True, "record_stream": True}}}
+    handle = offloadkit.apply(pipe, policy, device="cpu")
+    unet = handle.plan.component("unet")
+    assert unet.options["use_stream"] is unet.options["record_stream"] is False
+    assert "on cpu: no side stream (`use_stream: false`, `record_stream: false`)" in unet.reason
+    assert group_enabled(pipe.unet)
+    assert_same_images(run(pipe), reference)
+    assert handle.trace.notes == handle.plan.notes and "unet runs with stand-ins" in handle.plan.notes[0]
+    handle.remove()
+    # written for the CPU, a stream is a mistake in the policy: refused before anything is installed
     with pytest.raises(PolicyError, match="components.unet: 'unet': `use_stream: true` needs an accelerator"):
-        offloadkit.apply(pipe, policy, device="cpu")
+        offloadkit.apply(pipe, {**policy, "device": "cpu"})
     assert not group_enabled(pipe.unet)
 
 

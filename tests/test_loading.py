@@ -260,3 +260,204 @@ def test_problems_in_a_parent_file_name_the_file_asked_about(tmp_path):
     (problem,) = located(info.value)
     assert problem.source.endswith("base.yaml") and (problem.line, problem.column) == (2, 7)
     assert f"inherited through `extends` at {tmp_path / 'child.yaml'}:2:10" in problem.message
+
+
+# --- issue 15: messages in offloadkit's words, every typo reported, the right kind of file -------
+
+def test_a_quoted_version_says_it_must_be_a_number():
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load({"version": "1"})
+    (problem,) = info.value.problems
+    assert problem.message == "must be a number, not the string '1'. Write `version: 1` without quotes"
+    with pytest.raises(PolicyError, match="unsupported version 2. This offloadkit reads `version: 1`"):
+        offloadkit.load({"version": 2})
+
+
+def _bad_documents():
+    """(loader, document) pairs: every field of every policy and hardware-profile model given wrong values."""
+    from offloadkit.policy.rules import RULES
+    from offloadkit.policy.schema import Budget, Policy, QuantizationRules
+    from offloadkit.prediction.hardware import HardwareProfile, Measurement, load_hardware
+
+    profile = {"version": 1, "name": "box", "device": "cuda", "device_memory": "24GiB", "host_memory": "64GiB",
+               "h2d_pinned": "25GB/s", "h2d_pageable": "12GB/s", "disk_read": "3GB/s"}
+    places = [(offloadkit.load, Policy, lambda f, v: {"version": 1, f: v}),
+              (offloadkit.load, QuantizationRules, lambda f, v: {"version": 1, "quantization": {f: v}}),
+              (offloadkit.load, Budget, lambda f, v: {"version": 1, "budget": {"device_memory": "8GiB", f: v}}),
+              (load_hardware, HardwareProfile, lambda f, v: {**profile, f: v}),
+              (load_hardware, Measurement,
+               lambda f, v: {**profile, "measured": {"date": "2025-06-01T12:00:00Z", f: v}})]
+    for name, rule in RULES.items():
+        places.append((offloadkit.load, rule,
+                       lambda f, v, name=name: {"version": 1, "components": {"unet": {"strategy": name, f: v}}}))
+    values = ["x", "1", 1.5, -1, 0, 2, 10**30, True, None, float("nan"), [1], {"a": 1}, "2025-06-01T12:00:00"]
+    for loader, model, document in places:
+        for field in model.model_fields:
+            for value in values:
+                yield loader, model, document(field, value)
+
+
+def test_no_pydantic_wording_reaches_a_message():
+    from pydantic import ValidationError
+
+    from offloadkit.errors import LocatedError
+    from offloadkit.policy.documents import WORDED
+    from offloadkit.policy.schema import Policy
+    from offloadkit.prediction.hardware import HardwareProfile
+
+    met, messages = set(), []
+    for loader, _, data in _bad_documents():
+        try:
+            (Policy if loader is offloadkit.load else HardwareProfile).model_validate(data)
+        except ValidationError as exc:
+            met.update(e["type"] for e in exc.errors())
+        try:
+            loader(data)
+        except LocatedError as exc:
+            messages.extend(p.message for p in exc.problems)
+    # the walk reaches the kinds of error a policy can produce, and each is worded by offloadkit itself
+    assert {"int_type", "int_parsing", "int_from_float", "float_parsing", "bool_parsing", "string_type",
+            "list_type", "tuple_type", "literal_error", "greater_than", "greater_than_equal", "less_than_equal",
+            "extra_forbidden", "value_error", "timezone_aware"} <= met
+    assert met <= WORDED, f"pydantic error types without offloadkit wording: {sorted(met - WORDED)}"
+    leaks = ("Input should", "Fix the value", "Value error", "Field required", "Extra inputs", "unable to parse",
+             "unable to interpret", "valid integer", "valid boolean", "pydantic")
+    bad = sorted({m for m in messages if any(leak in m for leak in leaks)})
+    assert len(messages) > 1000 and not bad, bad[:10]
+
+
+@pytest.mark.parametrize("option, value, needle", [
+    ("num_blocks_per_group", "x", "must be a whole number, not 'x'. Write a number without quotes, e.g. `2`"),
+    ("num_blocks_per_group", 1.5, "must be a whole number, not 1.5. Write `1` or `2`"),
+    ("num_blocks_per_group", 0, "must be at least 1, not 0. Write 1 or more"),
+    ("block_modules", "down_blocks", "must be a list, not 'down_blocks'. Write a list in brackets"),
+    ("use_stream", "x", "must be true or false, not 'x'. Write `true` or `false`"),
+    ("offload_type", "leaf", "unknown value 'leaf'. Did you mean 'leaf_level'?"),
+])
+def test_option_errors_say_what_to_write(option, value, needle):
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load({"version": 1, "components": {"unet": {"strategy": "group", option: value}}})
+    (problem,) = info.value.problems
+    assert problem.dotted_path == f"components.unet.{option}" and needle in problem.message, problem.message
+
+
+def test_hardware_bounds_say_what_to_write():
+    from offloadkit.errors import HardwareError
+    from offloadkit.prediction.hardware import load_hardware
+
+    profile = {"version": 1, "name": "box", "device": "cuda", "device_memory": "24GiB", "host_memory": "64GiB",
+               "h2d_pinned": "25GB/s", "h2d_pageable": "12GB/s", "disk_read": "3GB/s", "compute_efficiency": 2}
+    with pytest.raises(HardwareError) as info:
+        load_hardware(profile)
+    (problem,) = info.value.problems
+    assert problem.message == "must be at most 1, not 2. Write 1 or less"
+
+
+@pytest.mark.parametrize("rule", ["{strategy: modle, trasnfer: pinned, prefetc: true}",
+                                  "{trasnfer: pinned, prefetc: true}",
+                                  "{strategy: model, trasnfer: pinned, prefetc: true}"])
+def test_every_unknown_key_of_a_rule_is_reported_even_beside_a_bad_strategy(tmp_path, rule):
+    with pytest.raises(PolicyError) as info:
+        load_text(tmp_path, f"version: 1\ncomponents:\n  unet: {rule}\n")
+    problems = {p.dotted_path: p for p in located(info.value)}
+    for key, hint in (("trasnfer", "Did you mean 'transfer'?"), ("prefetc", "Did you mean 'prefetch'?")):
+        problem = problems[f"components.unet.{key}"]
+        assert problem.line == 3 and problem.column == 9 + rule.index(key) and hint in problem.message
+    if "strategy: model," not in rule:  # the strategy's own problem is still there
+        assert "strategy" in problems["components.unet"].message
+
+
+def test_a_rule_key_another_strategy_has_is_left_to_the_strategy_error():
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load({"version": 1, "components": {"unet": {"strategy": "gruop", "offload_type": "leaf_level"}}})
+    assert [p.dotted_path for p in info.value.problems] == ["components.unet"]
+
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_a_hardware_profile_given_as_a_policy_is_named_once(monkeypatch):
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load("hardware/rtx-4060-8gb.yaml")
+    (problem,) = info.value.problems
+    assert problem.source == "hardware/rtx-4060-8gb.yaml" and problem.line is not None
+    assert problem.message.startswith("this is a hardware profile, not a policy (it has `nominal`, "
+                                      "`device_memory`, `host_memory`, ...). Pass it with --hardware")
+
+
+def test_a_policy_with_one_stray_profile_key_keeps_its_unknown_key_error():
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load({"version": 1, "device_memory": "8GiB"})
+    (problem,) = info.value.problems
+    assert problem.message.startswith("unknown key 'device_memory'")
+    with pytest.raises(PolicyError, match="unknown key 'h2d_pinned'"):  # a policy's own key: not a profile
+        offloadkit.load({"version": 1, "components": {}, "device_memory": "8GiB", "h2d_pinned": "1GB/s"})
+
+
+def test_a_policy_given_as_a_hardware_profile_is_named_once(monkeypatch):
+    from offloadkit.errors import HardwareError
+    from offloadkit.prediction.hardware import load_hardware
+
+    monkeypatch.chdir(ROOT)
+    with pytest.raises(HardwareError) as info:
+        load_hardware("policies/sequential.yaml")
+    (problem,) = info.value.problems
+    assert problem.source == "policies/sequential.yaml" and problem.line is not None
+    assert problem.message.startswith("this is a policy, not a hardware profile (it has `sequence`")
+    assert "as --hardware" in problem.message
+
+
+def test_the_profile_key_lists_match_the_models():
+    from offloadkit.policy.loading import HARDWARE_PROFILE_KEYS, POLICY_ONLY_KEYS
+    from offloadkit.policy.schema import Policy
+    from offloadkit.prediction.hardware import HardwareProfile
+
+    assert set(HARDWARE_PROFILE_KEYS) == set(HardwareProfile.model_fields) - set(Policy.model_fields)
+    assert set(POLICY_ONLY_KEYS) == set(Policy.model_fields) - set(HardwareProfile.model_fields)
+
+
+def test_paths_in_messages_are_normalised_and_stay_relative(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "team").mkdir()
+    (tmp_path / "other").mkdir()
+    (tmp_path / "team" / "base.yaml").write_text("version: 1\ndevice: gpu\n")
+    (tmp_path / "other" / "child.yaml").write_text("version: 1\nextends: ../other/../team/base.yaml\n")
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load("other/../team/base.yaml")
+    assert str(info.value).startswith("team/base.yaml:2:9 device: invalid device 'gpu'")
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load("./other/../other/child.yaml")
+    assert str(info.value).startswith("team/base.yaml:2:9 device:")
+    assert "(inherited through `extends` at other/child.yaml:2:10;" in str(info.value)
+    with pytest.raises(PolicyError) as info:  # absolute stays absolute, normalised
+        offloadkit.load(str(tmp_path / "other" / ".." / "team" / "base.yaml"))
+    assert str(info.value).startswith(f"{tmp_path / 'team' / 'base.yaml'}:2:9 device:")
+
+
+def test_a_path_through_a_missing_folder_says_which(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "team").mkdir()
+    (tmp_path / "team" / "base.yaml").write_text("version: 1\n")
+    (tmp_path / "child.yaml").write_text("version: 1\nextends: nope/../team/base.yaml\n")
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load("child.yaml")
+    (problem,) = located(info.value)
+    assert problem.message == ("policy file 'nope/../team/base.yaml' not found: it goes up (`..`) out of 'nope', "
+                               "which does not exist. Write 'team/base.yaml'")
+    (tmp_path / "team" / "child.yaml").write_text("version: 1\nextends: missing.yaml\n")
+    with pytest.raises(PolicyError) as info:
+        offloadkit.load("team/../team/child.yaml")
+    assert str(info.value) == ("team/child.yaml:2:10 extends: policy file 'missing.yaml' not found. Check the path "
+                               f"(relative paths start from {tmp_path / 'team'})")
+
+
+@pytest.mark.skipif(not hasattr(os, "symlink"), reason="needs symlinks")
+def test_a_path_through_a_symlinked_folder_shows_where_the_file_is(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "deep" / "er").mkdir(parents=True)
+    (tmp_path / "deep" / "p.yaml").write_text("version: 1\ndevice: gpu\n")
+    os.symlink(tmp_path / "deep" / "er", tmp_path / "link")
+    with pytest.raises(PolicyError) as info:  # `link/..` is deep/, not here: a lexical `p.yaml` would mislead
+        offloadkit.load("link/../p.yaml")
+    assert str(info.value).startswith("deep/p.yaml:2:9 device:")

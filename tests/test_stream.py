@@ -201,7 +201,7 @@ def test_blocks_are_checked_against_the_model(tmp_path):
     ({"resident": "lots"}, "cannot read `resident: 'lots'`"),
     ({"resident": -1}, "cannot read `resident: -1`"),
     ({"resident": "120%"}, "0 to 100"),
-    ({"prefetch": 0}, "greater than or equal to 1"),
+    ({"prefetch": 0}, "must be at least 1, not 0. Write 1 or more"),
     ({"placement": "middle"}, "placement"),
     ({"folder": "/tmp/x"}, "`folder` is where `from: disk` puts its files"),
     ({"blocks": []}, "blocks"),

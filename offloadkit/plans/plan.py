@@ -4,9 +4,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from ..device import Device
+from ..device import AUTO, Device
 from ..errors import UnknownComponentError, did_you_mean
-from ..policy.rules import StrategyRule
+from ..policy.rules import DISK, StrategyRule
 from ..units import format_bytes
 from .stages import strictly_between
 from .stream_layout import StreamLayout
@@ -66,6 +66,9 @@ class Plan:
     # a combined pipeline's one per sub-pipeline (a chain's first model offloads the chains before it), or
     # links that are a component's submodule (`text_encoder.text_model`, AudioLDM2). Empty: one chain.
     chains: tuple[tuple[str, ...], ...] = ()
+    # What the reader of the plan must know about it as a whole, e.g. that it runs stand-ins on the CPU
+    # for a GPU policy (`StrategyRule.on_device`). Shown under the header.
+    notes: tuple[str, ...] = ()
 
     def component(self, name: str) -> ComponentPlan:
         """The plan of one component; `UnknownComponentError` (a `KeyError` too) for a name it does not have."""
@@ -91,20 +94,49 @@ class Plan:
             "sequence": list(self.sequence),
             "components": [c.to_dict() for c in self.components],
             **({"chains": [list(c) for c in self.chains]} if self.chains else {}),
+            **({"notes": list(self.notes)} if self.notes else {}),
         }
 
     def __str__(self) -> str:
-        header = f"{self.pipeline} under policy {self.policy!r} on {self.device}"
+        # `auto` is decided where the policy is applied: say so once, and name it "device" in the table
+        where = (f"{self.device} (the accelerator where the policy is applied)" if self.device.is_auto
+                 else str(self.device))
+        header = f"{self.pipeline} under policy {self.policy!r} on {where}"
         chain = " | ".join(" -> ".join(c) for c in self.chains or (self.sequence,)) if self.sequence else "(none)"
-        columns = ("component", "class", "strategy", "between uses", "runs on", "offloaded by", "weights", "size",
-                   "why")
+        columns = ("component", "class", "strategy", "between uses", "runs on", "offloaded by", "moves", "weights",
+                   "size", "why")
         rows = [columns]
         for c in self.components:
-            rows.append((c.name, c.type_name, c.strategy, c.home, c.runs_on or "-", c.offloaded_by or "-",
+            rows.append((c.name, c.type_name, c.strategy, _where(c.home), _where(c.runs_on) or "-",
+                         c.offloaded_by or "-", _moves(c),
                          c.weights or "-", format_bytes(c.bytes), c.reason))
         widths = [max(len(str(row[i])) for row in rows) for i in range(len(columns) - 1)]
-        lines = [header, f"offload chain: {chain}", ""]
+        lines = [header, *(f"note: {note}" for note in self.notes), f"offload chain: {chain}", ""]
         for row in rows:
             cells = [str(cell).ljust(width) for cell, width in zip(row, widths)]
             lines.append("  ".join(cells + [str(row[-1])]).rstrip())
         return "\n".join(lines)
+
+
+def _where(place: str | None) -> str | None:
+    """A home or execution device as the table shows it: `auto` (explained in the header) is "device"."""
+    return "device" if place == AUTO else place
+
+
+def _moves(component: ComponentPlan) -> str:
+    """How the weights travel, from the rule's options: the transfer kind and what is copied ahead
+    (`copy-free, prefetch`; `prefetch 2` blocks for `stream`); `-` for rules without either."""
+    options = component.options
+    parts = []
+    if "transfer" in options:
+        parts.append(str(options["transfer"]))
+    if options.get("use_stream"):  # group offloading's side stream loads the next group ahead
+        parts.append("prefetch")
+    prefetch = options.get("prefetch")
+    if prefetch is True:
+        parts.append("prefetch")
+    elif isinstance(prefetch, int) and not isinstance(prefetch, bool):
+        parts.append(f"prefetch {prefetch}")
+    if options.get("source") == DISK:  # stream blocks read from files
+        parts.append("from disk")
+    return ", ".join(parts) or "-"

@@ -66,6 +66,11 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
         excluded = set(policy.exclude)
         exclude_reason = "policy `exclude`"
     rules, reasons, sizes, paths = {}, {}, {}, {}
+    # On a device the policy was not written for (a GPU policy in CPU tests), what needs that device runs as
+    # its rule's stand-in; on its own kind of device a policy means exactly what it says.
+    written_for = Device.parse(policy.device)
+    stand_ins = not device.is_auto and not _written_for(written_for, device)
+    stood_in = []
     for name, component in models.items():
         choice = choose_rule(policy, name, component, excluded, exclude_reason, problems)
         if choice is None:
@@ -81,6 +86,11 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
             elif outcome:
                 problems.append(outcome)
                 continue
+        if stand_ins:
+            rule, change = rule.on_device(device.type)
+            if change:
+                reason += f"; on {device.type}: {change}"
+                stood_in.append(name)
         rules[name], reasons[name] = rule, reason
         problem = rule.device_problem(device.type) if not device.is_auto else None
         if problem:
@@ -179,6 +189,12 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
         ))
     # Chain members in chain order first, then the others in the pipeline's order.
     plans.sort(key=lambda c: (c.chain_index is None, c.chain_index or 0))
+    notes = ()
+    if stood_in:
+        written = "an accelerator" if written_for.is_auto else repr(policy.device)
+        notes = (f"the policy is written for {written}; on {device}, {', '.join(stood_in)} "
+                 f"{'runs' if len(stood_in) == 1 else 'run'} with stand-ins for the options that need it (see "
+                 "the reasons): the same outputs, not the same timings",)
     return Plan(
         pipeline=spec.class_name,
         policy=policy.display_name,
@@ -186,7 +202,13 @@ def resolve(policy: Policy, spec: PipelineSpec, device, machine: Machine | None 
         sequence=tuple(sequence),
         components=tuple(plans),
         chains=chains,
+        notes=notes,
     )
+
+
+def _written_for(written: Device, device: Device) -> bool:
+    """Whether `device` is of the kind a policy's `device:` names (`auto`: any accelerator)."""
+    return device.type != HOST if written.is_auto else written.type == device.type
 
 
 def _chains(declared, sequence, rules) -> tuple[tuple[str, ...], ...]:

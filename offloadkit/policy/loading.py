@@ -83,6 +83,9 @@ def _merged(doc: YamlDocument, base_dir: Path, chain: tuple, root_extends: Probl
         raise PolicyError(locate(positions, (), f"a policy must be a mapping of keys such as `version: 1`, "
                                                  f"not a {kind}. Start the file with `version: 1`",
                                   False, doc.source))
+    foreign = hardware_profile_problem(data, positions, doc.source)
+    if foreign is not None:
+        raise PolicyError(inherited(foreign, root_extends.source, root_extends) if root_extends else foreign)
     parent_ref = data.get("extends")
     if parent_ref is None:
         return dict(data), positions
@@ -108,6 +111,30 @@ def _merged(doc: YamlDocument, base_dir: Path, chain: tuple, root_extends: Probl
                                    root_extends, origin))
     parent_data, parent_positions = _merged(parent_doc, parent_dir, chain + (key,), root_extends)
     return _merge(parent_data, parent_positions, data, positions)
+
+
+# Top-level keys only a hardware profile has (`prediction.hardware.HardwareProfile`; this floor may not import
+# it, and tests/test_loading.py checks the two lists agree).
+HARDWARE_PROFILE_KEYS = ("nominal", "device_memory", "host_memory", "h2d_pinned", "h2d_pageable", "d2h", "disk_read",
+                         "compute", "compute_dtype", "compute_efficiency", "measured", "device_headroom",
+                         "host_headroom", "disk_free")
+# Top-level keys only a policy has (a hardware profile's loader says "this is a policy" on them).
+POLICY_ONLY_KEYS = ("extends", "sequence", "exclude", "components", "quantization", "budget")
+
+
+def hardware_profile_problem(data: dict, positions: dict, source: str) -> Problem | None:
+    """One problem for a hardware profile passed as a policy, instead of an unknown-key error per profile key.
+
+    Two of its keys and none of a policy's own: a policy with one stray `device_memory` key still gets the
+    ordinary unknown-key error with its "did you mean".
+    """
+    theirs = [k for k in data if k in HARDWARE_PROFILE_KEYS]
+    if len(theirs) < 2 or any(k in POLICY_ONLY_KEYS for k in data):
+        return None
+    listed = ", ".join(f"`{k}`" for k in theirs[:3]) + (", ..." if len(theirs) > 3 else "")
+    return locate(positions, (), f"this is a hardware profile, not a policy (it has {listed}). Pass it with "
+                                 "--hardware (`offloadkit validate POLICY --pipeline MODEL --hardware FILE`), or "
+                                 "in Python to `load_hardware()`", False, source)
 
 
 def _at_each(message: str, *origins: Problem) -> list[Problem]:

@@ -12,7 +12,9 @@ outside the strategy's own files compares strategy names:
 - `offloaded_by` (unchained strategies): what sends its weights back, as the plan shows it;
 - `runs_on_device`: whether its forward runs on the execution device;
 - `weights_tier`: where the weights sit for the planner's host/disk figures;
-- `synthesis_rank`, `fastest()` and `search_forms()`: whether and how synthesis searches it.
+- `synthesis_rank`, `fastest()` and `search_forms()`: whether and how synthesis searches it;
+- `device_problem()`: what of it cannot run on a device type; `on_device()`: the stand-in that runs there
+  instead when the policy was written for another device (a GPU policy in CPU tests).
 
 The installer of a strategy is runtime code, registered by rule class in
 `offloadkit.runtime.strategies`; the planner's stream profile likewise in
@@ -123,6 +125,12 @@ class StrategyRule(BaseModel):
     def device_problem(self, device_type: str) -> str | None:
         """Why this rule cannot run on that kind of device, or None."""
         return None
+
+    def on_device(self, device_type: str) -> tuple["StrategyRule", str | None]:
+        """The rule as it runs on a device type it was not written for: `(self, None)` when it runs as written,
+        else `(stand_in, what changed)`, the nearest rule `device_problem` accepts there. Same outputs, other
+        timings: what lets a GPU policy run in CPU tests. A strategy with a `device_problem` overrides it."""
+        return self, None
 
 
 # --- registration ------------------------------------------------------------------------------
@@ -264,6 +272,12 @@ class ModelRule(PrecisionRule):
                    "the device is the CPU. Use 'copy-free' or 'standard'"
         return None
 
+    def on_device(self, device_type: str) -> tuple["ModelRule", str | None]:
+        if self.device_problem(device_type) is None:
+            return self, None
+        # copy-free is pinned without the page-locked memory: the same kept host copy, in pageable RAM
+        return self.model_copy(update={"transfer": "copy-free"}), "`transfer: copy-free` in place of 'pinned'"
+
 
 @register_rule
 class GroupRule(PrecisionRule):
@@ -315,6 +329,14 @@ class GroupRule(PrecisionRule):
         if self.use_stream and device_type == "cpu":
             return "`use_stream: true` needs an accelerator with streams; the device is the CPU. Set it to false"
         return None
+
+    def on_device(self, device_type: str) -> tuple["GroupRule", str | None]:
+        if self.device_problem(device_type) is None:
+            return self, None
+        # the stream options all serve the side stream: without it the groups load when used, in order
+        off = [k for k in ("use_stream", "record_stream", "low_cpu_mem_usage") if getattr(self, k)]
+        return (self.model_copy(update=dict.fromkeys(off, False)),
+                "no side stream (" + ", ".join(f"`{k}: false`" for k in off) + ")")
 
 
 @register_rule

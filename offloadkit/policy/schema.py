@@ -7,6 +7,8 @@ lightweight CI jobs.
 from __future__ import annotations
 
 import json
+import os
+from pathlib import Path
 from typing import Annotated, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, PrivateAttr, field_validator
@@ -17,7 +19,11 @@ from ..units import AutoOrShare, Size
 from .capabilities import limit_for_any_version
 from .rules import PRECISION_KEYS, RULES, StrategyRule, strategy_names
 
-SCHEMA_ID = "https://offloadkit.dev/schemas/policy.schema.json"
+# Relative: resolved against wherever the file is read from (the repository's `schemas/`, the wheel's
+# `offloadkit/policy/schemas/`, a copy written by `offloadkit schema -o`). offloadkit owns no web domain to host it.
+SCHEMA_ID = "policy.schema.json"
+SCHEMA_FILE = "policy.schema.json"
+SCHEMA_PACKAGE = "offloadkit.policy.schemas"  # `schemas/` of the repository, shipped in the wheel under this name
 # Parents in one `extends` chain beyond the policy itself (`loading` enforces it): deep enough for layered
 # policies, and a bound on the files read for a chain of 1,000 or one generated without end.
 MAX_EXTENDS = 16
@@ -190,3 +196,43 @@ def json_schema() -> dict:
 
 def json_schema_text() -> str:
     return json.dumps(json_schema(), indent=2, sort_keys=True) + "\n"
+
+
+def installed_schema_path() -> Path | None:
+    """The schema file shipped with this offloadkit (the wheel's package data, or the checkout's `schemas/`), or
+    None where neither is on disk (e.g. run from a zip)."""
+    from importlib import resources
+
+    try:
+        candidate = resources.files(SCHEMA_PACKAGE) / SCHEMA_FILE
+        if isinstance(candidate, Path) and candidate.is_file():
+            return candidate
+    except (ModuleNotFoundError, TypeError):
+        pass
+    # an editable install made before the package existed maps no `offloadkit.policy.schemas`: the checkout's file
+    checkout = Path(__file__).resolve().parents[2] / "schemas" / SCHEMA_FILE
+    return checkout if checkout.is_file() else None
+
+
+def schema_comment(target: str | os.PathLike | None) -> str:
+    """The first line of a policy file written at `target`: a `yaml-language-server` line that resolves to the
+    installed schema (relative to the file's folder), or, where no path can be given, a comment saying why."""
+    schema = installed_schema_path()
+    if target is None or schema is None:
+        why = "printed, not written to a file" if target is None else "this offloadkit ships no schema file"
+        return (f"# No `$schema` line ({why}): `offloadkit synthesize -o FILE` adds one, or add "
+                "`# yaml-language-server: $schema=PATH` for a copy written by `offloadkit schema -o PATH`.")
+    folder = Path(target).resolve().parent
+    try:
+        where = Path(os.path.relpath(schema.resolve(), folder)).as_posix()
+    except ValueError:  # another drive (Windows): only an absolute path reaches it
+        where = schema.resolve().as_uri()
+    return f"# yaml-language-server: $schema={where}"
+
+
+def with_schema_comment(text: str, target: str | os.PathLike | None) -> str:
+    """`text` (a policy's YAML) with its first line replaced by `schema_comment(target)` when it is such a line."""
+    first, newline, rest = text.partition("\n")
+    if first.startswith("# yaml-language-server:") or first.startswith("# No `$schema` line"):
+        return schema_comment(target) + newline + rest
+    return schema_comment(target) + "\n" + text

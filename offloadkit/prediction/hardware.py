@@ -23,12 +23,14 @@ from pydantic import AwareDatetime, BaseModel, BeforeValidator, ConfigDict, Fiel
 from ..device import DEVICE_TYPES, Device
 from ..errors import DeviceError, HardwareError
 from ..policy.documents import DocumentKind, builtin_documents, locate, positions_of, read_source, translate
+from ..policy.loading import HARDWARE_PROFILE_KEYS, POLICY_ONLY_KEYS
 from ..policy.schema import VersionOne
 from ..policy.yaml_source import YamlDocument
 from ..units import Bandwidth, Compute, Share, Size, exact_size, format_rate, parse_bandwidth, parse_compute
 
 BUILTIN_PACKAGE = "offloadkit.prediction.builtin_hardware"
-SCHEMA_ID = "https://offloadkit.dev/schemas/hardware.schema.json"
+# Relative (resolved against where the file is read from): offloadkit owns no web domain to host it.
+SCHEMA_ID = "hardware.schema.json"
 
 
 def _device_type(value):
@@ -193,6 +195,14 @@ def _validate(doc: YamlDocument) -> HardwareProfile:
         raise HardwareError(locate(positions, (), f"a hardware profile must be a mapping of keys such as "
                                                    f"`version: 1`, not a {kind}. Start the file with `version: 1`",
                                     False, doc.source))
+    policy_keys = [k for k in doc.data if k in POLICY_ONLY_KEYS]
+    if policy_keys and not any(k in HARDWARE_PROFILE_KEYS for k in doc.data):
+        # a policy in the profile's place: one problem, not "missing `device_memory`" and the like
+        listed = ", ".join(f"`{k}`" for k in policy_keys[:3])
+        raise HardwareError(locate(positions, (), f"this is a policy, not a hardware profile (it has {listed}). "
+                                                   "Pass it as the policy (`offloadkit validate FILE`), and a built-in "
+                                                   "profile name (`offloadkit list`) or a file written by "
+                                                   "`offloadkit calibrate` as --hardware", False, doc.source))
     try:
         return HardwareProfile.model_validate(doc.data)
     except ValidationError as exc:

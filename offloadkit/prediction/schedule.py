@@ -68,8 +68,15 @@ class CallSettings:
     num_frames: int | None = None  # video pipelines
     dtype: str | None = None  # weights' dtype when built from configs; None: as the configs say
 
-    def resolved(self, family: str) -> "CallSettings":
-        """Defaults of the family filled in (SD 1.x 512 px, SDXL/SD3/Flux 1024 px, Wan 480x832 x 81 frames)."""
+    def resolved(self, family: str, *, size_multiple: int | None = None,
+                 frame_step: int | None = None) -> "CallSettings":
+        """Defaults of the family filled in (SD 1.x 512 px, SDXL/SD3/Flux 1024 px, Wan 480x832 x 81 frames), after
+        checking the settings are a call the family's pipeline takes as asked (`CallSettingsError` otherwise).
+
+        `size_multiple` and `frame_step` replace the family's factors where the caller read them from the
+        pipeline's own VAE (`SizeRule`); the defaults are those of the shipped models' 8x VAEs.
+        """
+        check_settings(self, family, size_multiple=size_multiple, frame_step=frame_step)
         height, width, frames = _DEFAULT_SIZE.get(family, (1024, 1024, None))
         return CallSettings(
             height=self.height or height, width=self.width or width, steps=self.steps, batch=self.batch,
@@ -79,6 +86,78 @@ class CallSettings:
 
 _DEFAULT_SIZE = {"sd": (512, 512, None), "sdxl": (1024, 1024, None), "sd3": (1024, 1024, None),
                  "flux": (1024, 1024, None), "qwen": (1024, 1024, None), "wan": (480, 832, 81), "generic": (1024, 1024, None)}
+
+
+@dataclass(frozen=True)
+class SizeRule:
+    """What a family's pipeline takes for a call's size, read off its `check_inputs` / `prepare_latents`.
+
+    `multiple`: height and width must be multiples of it; `resizes`: the pipeline rounds another size down
+    with a warning instead of refusing it (the image would not be the one predicted); `frame_step`: video
+    frame counts are `frame_step * k + 1` (the VAE's temporal factor; None: an image pipeline).
+    """
+
+    label: str
+    multiple: int
+    resizes: bool = False
+    frame_step: int | None = None
+
+
+# SD / SDXL check `height % 8` whatever their VAE; SD3 `vae_scale_factor * patch_size` (8 * 2); Flux and
+# Qwen-Image `vae_scale_factor * 2` and resize; Wan checks `% 16` and rounds frames to 4k+1.
+SIZE_RULES = {"sd": SizeRule("Stable Diffusion", 8), "sdxl": SizeRule("SDXL", 8), "sd3": SizeRule("SD3", 16),
+              "flux": SizeRule("Flux", 16, resizes=True), "qwen": SizeRule("Qwen-Image", 16, resizes=True),
+              "wan": SizeRule("Wan", 16, frame_step=4)}
+
+
+def check_settings(settings: CallSettings, family: str, *, size_multiple: int | None = None,
+                   frame_step: int | None = None) -> None:
+    """Raise `CallSettingsError` saying what to write where the family's pipeline would refuse the call or
+    run another one than asked (a resized image, rounded frames); `generic` pipelines get the positivity
+    checks only (their constraints are not known here).
+
+    Example::
+
+        check_settings(CallSettings(height=1000), "sdxl")   # CallSettingsError: ... Use 992 or 1000
+    """
+    from ..errors import CallSettingsError
+
+    for name, value, unit in (("height", settings.height, "pixels"), ("width", settings.width, "pixels"),
+                              ("num_frames", settings.num_frames, "frames")):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise CallSettingsError(f"{name} must be a whole number of {unit} above 0, not {value!r}. Write e.g. "
+                                    f"{81 if name == 'num_frames' else 1024}, or leave it unset for the "
+                                    "pipeline's default")
+    for name, value in (("steps", settings.steps), ("batch", settings.batch)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise CallSettingsError(f"{name} must be a whole number above 0, not {value!r}. Write e.g. "
+                                    f"{30 if name == 'steps' else 1}")
+    rule = SIZE_RULES.get(family)
+    if rule is None:
+        return
+    multiple = size_multiple or rule.multiple
+    for name, value in (("height", settings.height), ("width", settings.width)):
+        if value is not None and value % multiple:
+            lower, upper = value - value % multiple, value - value % multiple + multiple
+            what = (f"the pipeline would resize it to {lower or multiple}, another image than the one predicted"
+                    if rule.resizes else "the pipeline refuses it")
+            use = f"{lower} or {upper}" if lower else str(upper)
+            raise CallSettingsError(f"{name} {value} is not a multiple of {multiple}, which {rule.label} needs "
+                                    f"({what}). Use {use} (--{name} {lower or upper})")
+    if settings.num_frames is None:
+        return
+    step = frame_step or rule.frame_step
+    if step is None:
+        raise CallSettingsError(f"{rule.label} makes images; --frames (`num_frames`) is for video pipelines such "
+                                "as Wan. Leave it out")
+    if settings.num_frames % step != 1 % step:
+        lower = settings.num_frames - (settings.num_frames - 1) % step
+        upper = lower + step
+        rounded = settings.num_frames // step * step + 1  # WanPipeline's own rounding
+        use = f"{lower} or {upper}" if lower >= 1 else str(upper)
+        raise CallSettingsError(f"{rule.label} takes {step}k+1 frames (1, {1 + step}, {1 + 2 * step}, ...), not "
+                                f"{settings.num_frames}: the pipeline would round it to {rounded}. Use {use} "
+                                f"(--frames {lower if lower >= 1 else upper})")
 
 
 def pipeline_family(class_name: str) -> str:

@@ -65,15 +65,18 @@ class Synthesis:
     text: str
 
     def write(self, path, *, overwrite: bool = False) -> None:
-        """Save the YAML; an existing file is kept unless `overwrite`."""
+        """Save the YAML, its `$schema` line pointing at the installed schema; an existing file is kept unless
+        `overwrite`."""
         from pathlib import Path
+
+        from ..policy.schema import with_schema_comment
 
         path = Path(path)
         if path.exists() and not overwrite:
             raise SynthesisError(f"{path} exists; it was left as it is. Choose another file or allow overwriting "
                                  "(--force)")
         try:
-            path.write_text(self.text, encoding="utf-8")
+            path.write_text(with_schema_comment(self.text, path), encoding="utf-8")
         except OSError as exc:
             raise SynthesisError(f"cannot write {path} ({exc.strerror or exc}). Choose another file") from None
 
@@ -404,7 +407,7 @@ def _reasons(search: _Search, state, models) -> dict:
 
 
 def _yaml(name, context, rules, reasons, prediction, checks, limit_source, candidates, fitting, nominal) -> str:
-    from ..policy.schema import SCHEMA_ID
+    from ..policy.schema import schema_comment
 
     s = prediction.settings
     size = f"{s['height']}x{s['width']}" + (f"x{s['num_frames']}" if s.get("num_frames") else "")
@@ -417,7 +420,9 @@ def _yaml(name, context, rules, reasons, prediction, checks, limit_source, candi
     rates = (f" Times at the nominal rates of {NOMINAL_HARDWARE} (no --hardware given)." if nominal else
              f" Times at {context.hardware.name}'s rates.")
     lines = [
-        f"# yaml-language-server: $schema={SCHEMA_ID}",
+        # where the text will be saved is not known here: `Synthesis.write` callers (the CLI's `-o`) put a
+        # `$schema` line relative to the file in its place (`policy.schema.with_schema_comment`)
+        schema_comment(None),
         f"# Written by `offloadkit synthesize` for {context.spec.class_name}, {size}, {s['steps']} steps, "
         f"batch {s['batch']}, {s['dtype'] or 'weights as loaded'}.",
         f"# Limits of {limit_source}. {candidates} policies predicted, {fitting} fit; this one is predicted fastest.",

@@ -8,13 +8,15 @@ model, the stream statistics, the prefetch stream and the disk-tier folder.
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 import weakref
 from contextlib import contextmanager
 
-from ..accelerator import device_memory, empty_cache, host_ram, module_device, resolve_device
-from ..errors import PipelineError
+from ..accelerator import device_memory, device_type_available, empty_cache, host_ram, module_device, \
+    resolve_device
+from ..errors import DeviceError, PipelineError
 from ..plans.pipeline_spec import spec_from_pipeline
 from ..plans.plan import Plan
 from ..plans.resolve import resolve
@@ -28,12 +30,30 @@ from .streaming import StreamStats
 from .trace import Trace
 
 
-def resolved(pipe, policy, device):
-    """(policy, device, plan) for a loaded pipeline: the one resolution `plan`, `apply` and `reinstall` share."""
+def resolved(pipe, policy, device, *, dry_run: bool = False):
+    """(policy, device, plan) for a loaded pipeline: the one resolution `plan`, `apply` and `reinstall` share.
+
+    Without `device`, a policy whose device this machine lacks is planned on the CPU when it is a `dry_run`
+    (`plan`), said in a note; `apply` refuses it, as running on the CPU unasked would surprise.
+    """
     policy = load(policy)
+    note = None
+    if device is None and not device_type_available(policy.device):
+        missing = ("no accelerator (the policy's `device: auto`)" if policy.device == "auto"
+                   else f"no {policy.device!r} device (the policy's `device:`)")
+        if not dry_run:
+            raise DeviceError(
+                f"this machine has {missing}, so policy {policy.display_name!r} cannot run as written. Pass "
+                "device='cpu' to offloadkit.apply to test it on the CPU (options that need an accelerator run "
+                "as their CPU stand-ins, with the same outputs), or run it where torch sees that device")
+        device = "cpu"
+        note = f"this machine has {missing}: planned on the CPU instead"
     target = resolve_device(device if device is not None else policy.device)
     spec = spec_from_pipeline(pipe)
-    return policy, target, resolve(policy, spec, str(target), machine=_machine(spec, target))
+    the_plan = resolve(policy, spec, str(target), machine=_machine(spec, target))
+    if note is not None:
+        the_plan = dataclasses.replace(the_plan, notes=(note, *the_plan.notes))
+    return policy, target, the_plan
 
 
 # module -> the active handle whose policy manages it. One module can follow one policy: two pipelines
@@ -88,7 +108,7 @@ class OffloadHandle:
         self.plan = the_plan
         self.policy = policy
         self.device = device
-        self.trace = Trace(stages={c.name: c.stage for c in the_plan.components})
+        self.trace = Trace(stages={c.name: c.stage for c in the_plan.components}, notes=the_plan.notes)
         self.trace.on_stage = self._stage_entered
         if policy.budget is not None:
             self.trace.budget_bytes = policy.budget.device_memory
@@ -367,6 +387,7 @@ class OffloadHandle:
         """
         self._remove_hooks()
         self.plan = resolved(self.pipe, self.policy, self.device)[2]
+        self.trace.notes = self.plan.notes
         self._save_devices()
         self._install_hooks()
 

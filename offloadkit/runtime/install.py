@@ -25,19 +25,24 @@ from .pipeline_class import HANDLE_ATTR
 def plan(pipe, policy, *, device=None) -> Plan:
     """Resolve `policy` against a loaded pipeline without changing anything.
 
+    On a machine without the policy's device (and no `device` given) the plan is for the CPU, as
+    `apply(..., device="cpu")` would run it; `plan.notes` says so.
+
     Example::
 
         print(offloadkit.plan(pipe, "diffusers-default", device="cpu"))
     """
-    return resolved(pipe, policy, device)[2]
+    return resolved(pipe, policy, device, dry_run=True)[2]
 
 
 def apply(pipe, policy, *, device=None) -> "OffloadHandle":
     """Apply an offload policy to a loaded diffusers pipeline.
 
     `policy` is a `Policy`, a YAML path or a built-in name; `device` overrides the
-    policy's `device` (e.g. "cpu" for tests). Applying again replaces the previous
-    policy. Returns an `OffloadHandle`; `handle.remove()` undoes everything.
+    policy's `device` (e.g. "cpu" for tests: options that need an accelerator then run
+    as their CPU stand-ins, noted in `handle.plan.notes` and `handle.trace.notes`).
+    Applying again replaces the previous policy. Returns an `OffloadHandle`;
+    `handle.remove()` undoes everything.
 
     Example::
 

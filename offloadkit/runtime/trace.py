@@ -83,6 +83,8 @@ class Trace:
     on_exceed: str = "warn"
     stages: dict = field(default_factory=dict)  # component -> its stage (from the plan); else by its name
     summaries: deque = field(default_factory=lambda: deque(maxlen=MAX_CALLS))
+    # the plan's notes (`Plan.notes`), e.g. that a GPU policy runs CPU stand-ins: timings read differently then
+    notes: tuple = ()
     _call_peak: int = 0
     _call_bytes: int = 0
     _call_seconds: float = 0.0
@@ -241,10 +243,12 @@ class Trace:
     def to_json(self) -> str:
         return json.dumps({"calls": self.calls, "total_events": self.total_events, "bytes_moved": self.total_bytes,
                            "dropped_events": self.dropped_events, "events": [asdict(e) for e in self.events],
-                           "per_call": [asdict(s) for s in self.summaries]}, indent=2)
+                           "per_call": [asdict(s) for s in self.summaries],
+                           **({"notes": list(self.notes)} if self.notes else {})}, indent=2)
 
     def summary(self) -> str:
-        lines = [f"{'call':>4}  {'component':<16} {'action':<8} {'from':<8} {'to':<8} {'size':>10} {'ms':>8} "
+        lines = [*(f"note: {note}" for note in self.notes),
+                 f"{'call':>4}  {'component':<16} {'action':<8} {'from':<8} {'to':<8} {'size':>10} {'ms':>8} "
                  f"{'resident':>10}"]
         for e in self.events:
             lines.append(f"{e.call:>4}  {e.component:<16} {e.action:<8} {e.source:<8} {e.target:<8} "
