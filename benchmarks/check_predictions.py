@@ -48,7 +48,7 @@ def build_sd15(seed: int = 0):
     from transformers import CLIPTextConfig, CLIPTextModel
 
     from offloadkit.prediction.sizing import model_folder
-    from offloadkit.testing import _clip_tokenizer
+    from offloadkit.tiny_parts import _clip_tokenizer
 
     folder = model_folder("sd15")
 

@@ -16,7 +16,7 @@ import json
 
 import torch
 
-from .testing import _clip_tokenizer, _finish, _qwen_tokenizer, _qwen_vl_token_ids, _ready, _seeded, _t5_tokenizer
+from .tiny_parts import _clip_tokenizer, _finish, _qwen_tokenizer, _qwen_vl_token_ids, _ready, _seeded, _t5_tokenizer
 
 __all__ = [
     "tiny_ace_step_pipeline",
@@ -94,7 +94,7 @@ def _bert_tokenizer():
     """A WordPiece tokenizer over single characters (BERT's), from a vocab.txt written here."""
     from transformers import BertTokenizer
 
-    from .testing import _tokenizer_folder
+    from .tiny_parts import _tokenizer_folder
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     characters = [chr(code) for code in range(ord("!"), ord("~") + 1)]

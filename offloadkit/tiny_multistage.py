@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from .testing import _MAX_TOKENS, _byte_to_unicode, _clip_text_encoder, _clip_tokenizer, _finish, _ready, _seeded, \
+from .tiny_parts import _MAX_TOKENS, _byte_to_unicode, _clip_text_encoder, _clip_tokenizer, _finish, _ready, _seeded, \
     _t5_tokenizer, _tokenizer_folder
 
 __all__ = [
