@@ -158,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--policy", default="diffusers-default", help="policy file or built-in name")
     demo.add_argument("--pipeline", default="sdxl", choices=("sd", "sdxl", "sd3", "controlnet"),
                       help="tiny pipeline (default: sdxl)")
+    demo.add_argument("--dtype", default="fp32", choices=("fp32", "fp16", "bf16"),
+                      help="the tiny pipeline's dtype (default: fp32; fp16 for policies written for half "
+                           "precision, such as examples/sdxl-fp8-int8.yaml)")
     return parser
 
 
@@ -701,7 +704,7 @@ def _list(args) -> int:
 def _demo(args) -> int:
     from .demo import run_demo
 
-    return run_demo(device=args.device, policy=args.policy, pipeline=args.pipeline)
+    return run_demo(device=args.device, policy=args.policy, pipeline=args.pipeline, dtype=args.dtype)
 
 
 _COMMANDS = {"validate": _validate, "explain": _explain, "plan": _plan, "synthesize": _synthesize,

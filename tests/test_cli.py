@@ -186,6 +186,18 @@ def test_demo_with_a_policy_file(capsys):
     assert "sdxl-8gb" in capsys.readouterr().out
 
 
+def test_demo_runs_a_half_precision_example_against_the_same_precision_change(capsys):
+    """The fp8/int8 example is written for a float16 pipeline: on the default float32 demo it is refused at
+    apply (compute_dtype), with --dtype fp16 it runs and is compared with its own precision change."""
+    example = str(ROOT / "examples" / "sdxl-fp8-int8.yaml")
+    assert main(["demo", "--policy", example]) == 1
+    assert "compute_dtype" in capsys.readouterr().err
+    assert main(["demo", "--policy", example, "--dtype", "fp16"]) == 0
+    out = capsys.readouterr().out
+    assert "float16)" in out and "float8_e4m3fn (layerwise casting" in out
+    assert "outputs identical to the same precision change without offloading: yes" in out
+
+
 def test_demo_bad_policy_is_a_clear_error(capsys):
     assert main(["demo", "--policy", "no-such-policy"]) == 1
     err = capsys.readouterr().err
