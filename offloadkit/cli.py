@@ -374,7 +374,7 @@ def _validate(args) -> int:
                     if not args.json:
                         print(f"{name}: {problem}", file=sys.stderr)
                         for check in checks:
-                            print(f"  {_limit_line(check)}", file=sys.stderr)
+                            print(f"  {check.line()}", file=sys.stderr)
                     continue
             elif args.pipeline:
                 spec = spec or _spec_for(args.pipeline, args.dtype)
@@ -394,7 +394,7 @@ def _validate(args) -> int:
             target += f" on {args.hardware}" if args.hardware else ""
             print(f"{name}: valid{target}")
             for check in checks if hardware is not None else ():
-                print(f"  {_limit_line(check)}")
+                print(f"  {check.line()}")
     valid = all(r["valid"] for r in results)
     if args.json:
         _print_json(args, {"valid": valid, "pipeline": args.pipeline, "hardware": args.hardware, "files": results})
@@ -425,8 +425,8 @@ def _hardware_problem(policy, hardware, args):
 
     prediction = predict(args.pipeline, policy, hardware=hardware, settings=_call_settings(args),
                          headroom=args.headroom)
-    checks = _every_limit(prediction, hardware)
-    over = binding(prediction.limits)
+    checks = prediction.limits
+    over = binding(checks)
     if over:
         stages = ", ".join(f"{s.stage} {format_bytes(s.device_peak_bytes)}" for s in prediction.stages)
         return (f"does not fit {hardware.name}: " + "; ".join(c.message() for c in over)
@@ -437,28 +437,6 @@ def _hardware_problem(policy, hardware, args):
                 f"over its own budget of {format_bytes(policy.budget.device_memory)}. Offload more or raise "
                 "`budget.device_memory`"), checks
     return None, checks
-
-
-def _every_limit(prediction, hardware) -> tuple:
-    """The prediction's limit checks, with pinned host RAM and disk (which it checks only when the call uses them)
-    as checks of nothing needed, so that every limit is said to fit or not."""
-    from .prediction.limits import DEVICE, DISK_SPACE, HOST_RAM, PINNED, LimitCheck
-    from .units import share_bytes
-
-    if not prediction.limits or hardware is None:
-        return tuple(prediction.limits)
-    unused = {PINNED: LimitCheck(PINNED, 0, share_bytes(hardware.pinned_memory, hardware.host_memory), 0,
-                                 "no pinned transfers or pinned streamed blocks"),
-              DISK_SPACE: LimitCheck(DISK_SPACE, 0, hardware.disk_free, 0, "no weights written to disk files")}
-    have = {c.limit: c for c in prediction.limits}
-    return tuple(have.get(name) or unused[name] for name in (DEVICE, HOST_RAM, PINNED, DISK_SPACE)
-                 if name in have or name in unused)
-
-
-def _limit_line(check) -> str:
-    if check.needed == 0:
-        return f"{check.limit}: none needed: fits"
-    return check.line()
 
 
 def _spec_for(pipeline: str, dtype: str | None = None):
@@ -543,26 +521,11 @@ def _plan(args) -> int:
         hardware = load_hardware(args.hardware)
     prediction = predict(args.pipeline, args.policy, hardware=hardware, settings=_call_settings(args),
                          device=args.device, headroom=args.headroom)
-    checks = _every_limit(prediction, hardware)
     if args.json:
-        _print_json(args, {**prediction.to_dict(), "limits": [c.to_dict() for c in checks]})
+        _print_json(args, prediction.to_dict())
     else:
-        print(_with_every_limit(str(prediction), prediction, checks))
+        print(prediction)
     return EXIT_FAILED if prediction.fits is False else EXIT_OK
-
-
-def _with_every_limit(text: str, prediction, checks) -> str:
-    """The prediction's text with its limit lines replaced by one line per limit of `checks`."""
-    if not checks:
-        return text
-    lines = text.split("\n")
-    shown = [f"  {c.line()}" for c in prediction.limits]
-    try:
-        first = lines.index(shown[0])
-    except ValueError:  # the text changed shape: add the lines at the end rather than lose them
-        return text + "\n" + "\n".join(f"  {_limit_line(c)}" for c in checks)
-    lines[first:first + len(shown)] = [f"  {_limit_line(c)}" for c in checks]
-    return "\n".join(lines)
 
 
 def _synthesize(args) -> int:

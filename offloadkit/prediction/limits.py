@@ -45,6 +45,8 @@ class LimitCheck:
         return 0 if self.fits else self.needed - self.available
 
     def line(self) -> str:
+        if self.needed == 0:  # a limit the call does not use (no pinned copies, no disk files)
+            return f"{self.limit}: none needed: fits"
         if not self.checked:
             return f"{self.limit}: {format_bytes(self.needed)} needed ({self.detail}); not checked: {self.detail_off}"
         verdict = "fits" if self.fits else f"OVER by {format_bytes(self.over)}"
@@ -77,13 +79,14 @@ def check_limits(prediction, hardware, headroom=None) -> tuple[LimitCheck, ...]:
         LimitCheck(HOST_RAM, prediction.host_peak_bytes, hardware.host_memory, host_keep,
                    "weights in host RAM at the call's fullest moment"),
     ]
-    if prediction.pinned_host_bytes:
-        checks.append(LimitCheck(PINNED, prediction.pinned_host_bytes,
-                                 share_bytes(hardware.pinned_memory, hardware.host_memory), 0,
-                                 "pinned transfers and pinned streamed blocks"))
-    if prediction.disk_peak_bytes:
-        checks.append(LimitCheck(DISK_SPACE, prediction.disk_peak_bytes, hardware.disk_free, 0,
-                                 "weights written to disk files"))
+    # every limit, also those the call does not use (needed 0), so each is said to fit or not
+    checks.append(LimitCheck(PINNED, prediction.pinned_host_bytes,
+                             share_bytes(hardware.pinned_memory, hardware.host_memory), 0,
+                             "pinned transfers and pinned streamed blocks" if prediction.pinned_host_bytes
+                             else "no pinned transfers or pinned streamed blocks"))
+    checks.append(LimitCheck(DISK_SPACE, prediction.disk_peak_bytes, hardware.disk_free, 0,
+                             "weights written to disk files" if prediction.disk_peak_bytes
+                             else "no weights written to disk files"))
     return tuple(checks)
 
 
